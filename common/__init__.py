@@ -1,0 +1,1 @@
+"""Backend-neutral parts of the Llama 4 stack: configuration, checkpoint remapping, tokenizers."""

@@ -1,0 +1,288 @@
+"""Model configuration as frozen dataclasses, built from Meta `params.json` or HF `config.json`.
+
+Per-layer roles (RoPE or NoPE, chunked or global attention, MoE or dense, QK norm) are computed
+once here, as data, and read by both backends.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+
+def _require(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"invalid model config: field '{name}': {msg}")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3-style frequency scaling (Meta `use_scaled_rope`, HF `rope_type: llama3`)."""
+
+    factor: float = 16.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 1.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        _require(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
+        _require(self.low_freq_factor > 0, "rope_scaling.low_freq_factor", "must be > 0")
+        _require(
+            self.high_freq_factor >= self.low_freq_factor,
+            "rope_scaling.high_freq_factor",
+            f"must be >= low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}",
+        )
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    num_experts: int
+    top_k: int = 1
+    interleave_moe_layer_step: int = 1
+    capacity_factor: float = 1.0
+    auto_scale_F: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.num_experts >= 1, "moe_args.num_experts", f"must be >= 1, got {self.num_experts}")
+        _require(
+            1 <= self.top_k <= self.num_experts,
+            "moe_args.top_k",
+            f"must be in [1, num_experts={self.num_experts}], got {self.top_k}",
+        )
+        _require(self.interleave_moe_layer_step >= 1, "moe_args.interleave_moe_layer_step", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class VisionArgs:
+    image_size: int = 336
+    patch_size: int = 14
+    dim: int = 1408
+    n_layers: int = 34
+    n_heads: int = 16
+    mlp_ratio: float = 4.0
+    output_dim: int = 4096
+    pixel_shuffle_ratio: float = 0.5
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _require(self.image_size % self.patch_size == 0, "vision.image_size", "must divide by patch_size")
+        _require(self.dim % self.n_heads == 0, "vision.dim", f"must divide by n_heads={self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """`<|patch|>` tokens per tile after pixel shuffle (144 for the real models)."""
+        return int(self.grid**2 * self.pixel_shuffle_ratio**2)
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> VisionArgs:
+        def side(v: Any) -> int:
+            return int(v["width"]) if isinstance(v, dict) else int(v)
+
+        return cls(
+            image_size=side(p["image_size"]),
+            patch_size=side(p["patch_size"]),
+            dim=int(p["dim"]),
+            n_layers=int(p["n_layers"]),
+            n_heads=int(p["n_heads"]),
+            mlp_ratio=float(p["mlp_ratio"]),
+            output_dim=int(p["output_dim"]),
+            pixel_shuffle_ratio=float(p["pixel_shuffle_ratio"]),
+        )
+
+    @classmethod
+    def from_hf_config(cls, c: dict[str, Any]) -> VisionArgs:
+        dim = int(c.get("hidden_size", 1408))
+        return cls(
+            image_size=int(c.get("image_size", 336)),
+            patch_size=int(c.get("patch_size", 14)),
+            dim=dim,
+            n_layers=int(c.get("num_hidden_layers", 34)),
+            n_heads=int(c.get("num_attention_heads", 16)),
+            mlp_ratio=int(c.get("intermediate_size", 5632)) / dim,
+            output_dim=int(c.get("vision_output_dim", 4096)),
+            pixel_shuffle_ratio=float(c.get("pixel_shuffle_ratio", 0.5)),
+            norm_eps=float(c.get("norm_eps", 1e-5)),
+            rope_theta=float(c.get("rope_theta", 10000.0)),
+        )
+
+
+@dataclass(frozen=True)
+class QuantizationArgs:
+    """MLX affine quantization: `bits` per weight, one scale and bias per `group_size` inputs."""
+
+    group_size: int = 64
+    bits: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.bits in (2, 3, 4, 5, 6, 8), "quantization.bits", f"unsupported value {self.bits}")
+        _require(self.group_size in (32, 64, 128), "quantization.group_size", f"unsupported {self.group_size}")
+
+
+@dataclass(frozen=True)
+class LayerRole:
+    use_rope: bool  # False: NoPE layer (global causal attention, temperature tuning)
+    chunked: bool  # chunked local attention (RoPE layers when attention_chunk_size is set)
+    moe: bool
+    qk_norm: bool
+    temperature_tuning: bool
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    head_dim: int
+    ffn_hidden_dim: int  # dense SwiGLU width (HF intermediate_size_mlp)
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    attention_chunk_size: int | None = None
+    use_qk_norm: bool = False
+    attn_temperature_tuning: bool = False
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    moe_args: MoEArgs | None = None
+    moe_hidden_dim: int = 0  # expert and shared-expert width (HF intermediate_size)
+    rope_layers: tuple[bool, ...] = ()  # per layer: True = uses RoPE (HF no_rope_layers == 1)
+    moe_layers: tuple[int, ...] = ()
+    max_seq_len: int = 131072
+    vision_args: VisionArgs | None = None
+    quantization: QuantizationArgs | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "head_dim", "ffn_hidden_dim"):
+            _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        _require(self.n_kv_heads <= self.n_heads, "n_kv_heads", f"must be <= n_heads={self.n_heads}")
+        _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
+        _require(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE rotates pairs)")
+        _require(len(self.rope_layers) == self.n_layers, "no_rope_layers",
+                 f"needs one entry per layer ({self.n_layers}), got {len(self.rope_layers)}")
+        _require(all(0 <= i < self.n_layers for i in self.moe_layers), "moe_layers",
+                 f"indices must be in [0, {self.n_layers}), got {list(self.moe_layers)}")
+        _require(not self.moe_layers or self.moe_args is not None, "moe_layers", "MoE layers need moe_args")
+        _require(not self.moe_layers or self.moe_hidden_dim > 0, "intermediate_size",
+                 "MoE layers need the expert width")
+        _require(self.attention_chunk_size is None or self.attention_chunk_size > 0,
+                 "attention_chunk_size", "must be > 0 or null")
+        _require(self.floor_scale > 0, "floor_scale", "must be > 0")
+        _require(self.max_seq_len > 0, "max_seq_len", "must be > 0")
+
+    @cached_property
+    def layer_roles(self) -> tuple[LayerRole, ...]:
+        moe = set(self.moe_layers)
+        return tuple(
+            LayerRole(
+                use_rope=rope,
+                chunked=rope and self.attention_chunk_size is not None,
+                moe=i in moe,
+                qk_norm=rope and self.use_qk_norm,
+                temperature_tuning=(not rope) and self.attn_temperature_tuning,
+            )
+            for i, rope in enumerate(self.rope_layers)
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe_args.num_experts if self.moe_args else 0
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], max_seq_len: int | None = None) -> ModelArgs:
+        """Meta `params.json` (flat; unknown keys ignored), with the reference's defaults and checks."""
+        p = params.get("model", params) if "dim" not in params else params
+        for name in ("dim", "n_layers", "n_heads", "vocab_size"):
+            _require(name in p, name, "missing from params.json")
+        dim, n_heads = int(p["dim"]), int(p["n_heads"])
+        _require(p.get("n_kv_heads") is not None, "n_kv_heads", "missing from params.json (required)")
+        _require(dim % n_heads == 0, "dim", f"must divide by n_heads={n_heads}")
+        n_layers = int(p["n_layers"])
+        multiple_of = int(p.get("multiple_of", 256))
+        mult = p.get("ffn_dim_multiplier")
+
+        hidden = int(2 * int(4 * dim) / 3)
+        if mult is not None:
+            hidden = int(float(mult) * hidden)
+        ffn_hidden = multiple_of * math.ceil(hidden / multiple_of)
+
+        moe_args, moe_hidden, moe_layers = None, 0, ()
+        if p.get("moe_args"):
+            m = p["moe_args"]
+            moe_args = MoEArgs(
+                num_experts=int(m.get("num_experts", -1)),
+                top_k=int(m.get("top_k", 1)),
+                interleave_moe_layer_step=int(m.get("interleave_moe_layer_step", 1)),
+                capacity_factor=float(m.get("capacity_factor", 1.0)),
+                auto_scale_F=bool(m.get("auto_scale_F", True)),
+            )
+            _require(mult is not None, "ffn_dim_multiplier", "required when moe_args is set")
+            _require(p.get("ffn_exp") is not None, "ffn_exp", "required when moe_args is set")
+            h = int(float(p["ffn_exp"]) * dim)
+            h = int(float(mult) * int(2 * h / 3))
+            if moe_args.auto_scale_F:
+                h = int(h / (moe_args.capacity_factor + 1))
+            moe_hidden = h + (-h) % multiple_of
+            step = moe_args.interleave_moe_layer_step
+            moe_layers = tuple(i for i in range(n_layers) if (i + 1) % step == 0)
+
+        scaling = None
+        if p.get("use_scaled_rope"):
+            factor = p.get("rope_scaling_factor")
+            high = p.get("rope_high_freq_factor")
+            scaling = RopeScaling(
+                factor=16.0 if factor is None else float(factor),
+                low_freq_factor=1.0,
+                high_freq_factor=1.0 if high is None else float(high),
+                original_max_position_embeddings=8192,
+            )
+        interval = p.get("nope_layer_interval")
+        rope_layers = tuple(not (interval and (i + 1) % int(interval) == 0) for i in range(n_layers))
+        vision = VisionArgs.from_params(p["vision_args"]) if p.get("vision_args") else None
+        return cls(
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=int(p["n_kv_heads"]),
+            vocab_size=int(p["vocab_size"]),
+            head_dim=dim // n_heads,  # Meta's text attention ignores params' head_dim
+            ffn_hidden_dim=ffn_hidden,
+            norm_eps=float(p.get("norm_eps", 1e-5)),
+            rope_theta=float(p.get("rope_theta", 500000.0)),
+            rope_scaling=scaling,
+            attention_chunk_size=p.get("attention_chunk_size"),
+            use_qk_norm=bool(p.get("use_qk_norm", False)),
+            attn_temperature_tuning=bool(p.get("attn_temperature_tuning", False)),
+            floor_scale=float(p.get("floor_scale", 8192.0)),
+            attn_scale=float(p.get("attn_scale", 0.1)),
+            moe_args=moe_args,
+            moe_hidden_dim=moe_hidden,
+            rope_layers=rope_layers,
+            moe_layers=moe_layers,
+            max_seq_len=int(max_seq_len or p.get("max_seq_len") or 131072),
+            vision_args=vision,
+            extra={"multiple_of": multiple_of, "ffn_dim_multiplier": mult, "ffn_exp": p.get("ffn_exp")},
+        )
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        """HF `config.json`: `model_type` `llama4` (with `text_config`) or `llama4_text`."""
+        from common.hf_config import parse_hf_config
+
+        return parse_hf_config(cls, config)
