@@ -1,0 +1,1 @@
+"""Command-line programs: `python -m apps.generate`, `python -m apps.convert`, `python -m apps.train_demo`."""

@@ -1,0 +1,64 @@
+"""Choosing and driving a backend from the command-line programs, with one interface for both."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def pick_backend(name: str = "auto") -> str:
+    """`auto`: MLX on Apple silicon when installed, otherwise torch, otherwise MLX (CPU)."""
+    if name in ("mlx", "torch"):
+        if not _installed(name):
+            extra = "mlx" if name == "mlx" else "torch"
+            raise RuntimeError(f"backend {name!r} is not installed (pip install -e '.[{extra}]')")
+        return name
+    if name != "auto":
+        raise ValueError(f"unknown backend {name!r}; expected auto, mlx or torch")
+    apple = platform.system() == "Darwin" and platform.machine() == "arm64"
+    if apple and _installed("mlx"):
+        return "mlx"
+    if _installed("torch"):
+        return "torch"
+    if _installed("mlx"):
+        return "mlx"
+    raise RuntimeError("no backend installed: pip install -e '.[mlx]' or -e '.[torch]'")
+
+
+@dataclass
+class Runner:
+    """A loaded model with its backend's generation functions."""
+
+    backend: str
+    module: ModuleType
+    model: Any
+    tokenizer: Any
+
+    def make_cache(self) -> list:
+        return self.model.make_cache(1)
+
+    def stream(self, prompt: list[int], max_tokens: int, sampling: Any, cache: list | None = None):
+        return self.module.stream_generate(self.model, self.tokenizer, prompt, max_tokens, sampling, cache)
+
+
+def load_runner(path: str, backend: str = "auto", device: str = "auto", dtype: str | None = None,
+                show_progress: bool = True) -> Runner:
+    name = pick_backend(backend)
+    if name == "torch":
+        import torch_backend as module
+
+        model, tokenizer = module.load(path, dtype=dtype, device=device, show_progress=show_progress)
+    else:
+        if device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"--device {device} applies to the torch backend only")
+        import mlx_llm as module
+
+        model, tokenizer = module.load(path, dtype=dtype, show_progress=show_progress)
+    return Runner(name, module, model, tokenizer)

@@ -1,0 +1,89 @@
+"""Generation in layers: `generate_step` (token ids) -> `stream_generate` (responses) -> `generate` (text)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import mlx.core as mx
+
+from common.datatypes import GenerationResponse, TransformerInput
+from common.generation import check_prompt, encode_prompt, process_peak_memory_gb, stream_responses
+from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer
+from mlx_llm.model import Transformer
+
+
+def sample(logits: mx.array, params: SamplingParams, key: mx.array | None) -> mx.array:
+    """Next token ids [B] from float32 logits [B, V]: temperature, then top-k, top-p, min-p."""
+    if params.temperature == 0:
+        return mx.argmax(logits, axis=-1)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = mx.sort(logits, axis=-1)[..., -params.top_k][..., None]  # [B, 1]
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    probs = mx.softmax(logits, axis=-1)
+    if params.top_p < 1.0:
+        order = mx.argsort(-probs, axis=-1)  # [B, V], descending
+        sorted_p = mx.take_along_axis(probs, order, axis=-1)
+        # Drop a token once the mass before it already exceeds p (the reference's rule).
+        keep_sorted = (mx.cumsum(sorted_p, axis=-1) - sorted_p) <= params.top_p
+        keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+        probs = mx.where(keep, probs, 0.0)
+    if params.min_p > 0:
+        probs = mx.where(probs < params.min_p * mx.max(probs, axis=-1, keepdims=True), 0.0, probs)
+    return mx.random.categorical(mx.log(probs), axis=-1, key=key)
+
+
+def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingParams | None = None,
+                  cache: list | None = None, prefill_step_size: int = 512) -> Iterator[int]:
+    """Token ids after `prompt`, one model call per token after a prefill in steps; runs until the
+    context is full (the caller stops it). A given `cache` continues from its offset."""
+    sampling = sampling or SamplingParams()
+    cache = model.make_cache(1) if cache is None else cache
+    position = cache[0].offset
+    check_prompt(prompt, model.args.max_seq_len, position)
+    key = mx.random.key(sampling.seed) if sampling.seed is not None else None
+
+    def next_key() -> mx.array | None:
+        nonlocal key
+        if key is None:
+            return None
+        key, sub = mx.random.split(key)
+        return sub
+
+    ids = mx.array([list(prompt)], dtype=mx.int32)  # [1, L]
+    for start in range(0, ids.shape[1], prefill_step_size):
+        chunk = ids[:, start:start + prefill_step_size]
+        logits = model(TransformerInput(tokens=chunk, tokens_position=position), cache=cache).logits
+        position += chunk.shape[1]
+        mx.eval([a for c in cache for a in (c.keys, c.values) if a is not None])  # bound the lazy graph
+    token = sample(logits[:, -1], sampling, next_key())
+    while True:
+        yield int(token.item())
+        if position >= model.args.max_seq_len:
+            return
+        logits = model(TransformerInput(tokens=token.reshape(1, 1), tokens_position=position), cache=cache).logits
+        token = sample(logits[:, -1], sampling, next_key())
+        position += 1
+
+
+def _peak_memory_gb() -> float:
+    peak = mx.get_peak_memory() / (1 << 30) if hasattr(mx, "get_peak_memory") else 0.0
+    return max(peak, process_peak_memory_gb())
+
+
+def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
+                    sampling: SamplingParams | None = None, cache: list | None = None,
+                    prefill_step_size: int = 512) -> Iterator[GenerationResponse]:
+    """Responses with the new text and statistics, until a stop token, `max_tokens` or the context end."""
+    ids = encode_prompt(tokenizer, prompt)
+    cache = model.make_cache(1) if cache is None else cache
+    room = model.args.max_seq_len - cache[0].offset - len(ids)
+    steps = generate_step(model, ids, sampling, cache, prefill_step_size)
+    yield from stream_responses(steps, tokenizer, len(ids), max_tokens, room, _peak_memory_gb)
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
+             sampling: SamplingParams | None = None) -> str:
+    """The generated text as one string."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, sampling))

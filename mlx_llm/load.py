@@ -1,0 +1,95 @@
+"""Loading models and tokenizers from Meta native, Hugging Face and MLX folders into MLX.
+
+safetensors are opened lazily by `mx.load`; nothing is read until the parameters are evaluated,
+so the weights exist once in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from common.args import ModelArgs
+from common.checkpoint import LazyDict, checked_items, hf_to_canonical, meta_shards_to_canonical
+from common.files import CheckpointFiles, ModelFolderError, check_safetensors, find_checkpoint, read_args
+from common.progress import progress
+from common.tokenizer import Tokenizer, load_tokenizer_files
+from mlx_llm.model import Transformer
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def resolve_dtype(name: str | None) -> mx.Dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _torch_to_mx(t: Any) -> mx.array:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        # numpy has no bfloat16: move the raw 16-bit patterns and reinterpret them.
+        return mx.array(t.contiguous().view(torch.int16).numpy()).view(mx.bfloat16)
+    return mx.array(t.contiguous().numpy())
+
+
+def _meta_weights(files: CheckpointFiles, args: ModelArgs) -> Mapping[str, mx.array]:
+    try:
+        from torch_backend.load import read_pth
+    except ImportError as e:
+        raise ModelFolderError(f"{files.folder}: reading Meta native .pth files needs PyTorch; "
+                               f"install it with `pip install torch` or convert the folder first") from e
+    canonical = meta_shards_to_canonical([read_pth(p) for p in files.weight_files], args)
+    return LazyDict({k: (lambda k=k: _torch_to_mx(canonical[k])) for k in canonical})
+
+
+def _safetensors_weights(files: CheckpointFiles) -> dict[str, mx.array]:
+    source: dict[str, mx.array] = {}
+    for path in files.weight_files:
+        check_safetensors(path)
+        try:
+            source.update(mx.load(str(path)))
+        except (RuntimeError, ValueError) as e:
+            raise ModelFolderError(f"{path}: cannot read safetensors file ({e})") from e
+    return source
+
+
+def canonical_weights(files: CheckpointFiles, args: ModelArgs) -> Mapping[str, mx.array]:
+    """A lazy mapping of canonical names to MLX arrays for any supported folder."""
+    if files.layout == "meta":
+        return _meta_weights(files, args)
+    return hf_to_canonical(_safetensors_weights(files), args)
+
+
+def load_model(path: str | Path, dtype: str | None = None, show_progress: bool = False) -> Transformer:
+    """The model in `path` in `dtype` (default: as stored)."""
+    files = find_checkpoint(path)
+    args = read_args(files)
+    weights = canonical_weights(files, args)
+    target = resolve_dtype(dtype)
+    model = Transformer(args)
+    items = []
+    for name, w in progress(checked_items(weights, args), enabled=show_progress, desc="loading"):
+        if target is not None and mx.issubdtype(w.dtype, mx.floating):
+            w = w.astype(target)
+        items.append((name, w))
+        if show_progress:
+            mx.eval(w)  # materialise tensor by tensor so the bar tracks reading
+    model.load_weights(items, strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return load_tokenizer_files(Path(path))
+
+
+def load(path: str | Path, dtype: str | None = None, show_progress: bool = False) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer from one folder."""
+    return load_model(path, dtype, show_progress), load_tokenizer(path)
