@@ -138,7 +138,8 @@ def to_hf_text_config(args: ModelArgs) -> dict[str, Any]:
         "attention_chunk_size": args.attention_chunk_size,
         "use_qk_norm": args.use_qk_norm,
         "attn_temperature_tuning": args.attn_temperature_tuning,
-        "floor_scale": args.floor_scale,
+        # transformers validates floor_scale as an int
+        "floor_scale": int(args.floor_scale) if float(args.floor_scale).is_integer() else args.floor_scale,
         "attn_scale": args.attn_scale,
         "num_local_experts": max(args.num_experts, 1),
         "num_experts_per_tok": args.moe_args.top_k if args.moe_args else 1,

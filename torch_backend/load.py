@@ -93,7 +93,7 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     for name, tensor in progress(items, total=len(model.state_dict()), enabled=show_progress, desc="loading"):
         state[name] = tensor.to(device=target_device, dtype=target_dtype).contiguous()
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference only: no autograd graphs
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

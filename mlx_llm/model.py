@@ -1,0 +1,83 @@
+"""Llama 4 text transformer in MLX: pre-norm blocks of attention and dense or MoE feed-forward.
+
+Shapes: B batch, L tokens in this call, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from common.args import LayerRole, ModelArgs
+from common.datatypes import TransformerInput, TransformerOutput
+from mlx_llm.attention import Attention, rms_norm
+from mlx_llm.cache import ChunkedKVCache, KVCache
+from mlx_llm.moe import FeedForward, MoE
+
+Cache = KVCache | ChunkedKVCache
+
+
+class RMSNorm(nn.Module):
+    """Norm in float32, cast back, then the weight multiply in the model dtype (reference order)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self.eps) * self.weight
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, role: LayerRole) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, role)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MoE(args) if role.moe else FeedForward(args.dim, args.ffn_hidden_dim)
+
+    def __call__(self, x: mx.array, position: int, cache: Cache | None = None) -> mx.array:
+        h = x + self.attention(self.attention_norm(x), position, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = [TransformerBlock(args, role) for role in args.layer_roles]
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def make_cache(self, batch_size: int = 1) -> list[Cache]:
+        """One cache per layer: a chunk ring for chunked RoPE layers, a growing cache otherwise."""
+        chunk = self.args.attention_chunk_size
+        return [ChunkedKVCache(chunk, batch_size) if role.chunked else KVCache(batch_size)
+                for role in self.args.layer_roles]
+
+    def _check(self, tokens: mx.array, position: int, cache: list[Cache] | None) -> None:
+        if tokens.ndim != 2:
+            raise ValueError(f"TransformerInput.tokens: expected [B, L], got shape {list(tokens.shape)}")
+        if position < 0:
+            raise ValueError(f"TransformerInput.tokens_position: must be >= 0, got {position}")
+        L, limit = tokens.shape[1], self.args.max_seq_len
+        if position + L > limit:
+            raise ValueError(f"TransformerInput: tokens_position {position} + length {L} = {position + L} "
+                             f"exceeds max_seq_len {limit}")
+        if cache is None:
+            return
+        if len(cache) != len(self.layers):
+            raise ValueError(f"cache: expected one cache per layer ({len(self.layers)}), got {len(cache)}")
+        if any(c.offset != position for c in cache):
+            raise ValueError(f"TransformerInput.tokens_position {position} must equal the cache offset "
+                             f"{cache[0].offset}")
+
+    def __call__(self, inputs: TransformerInput, cache: list[Cache] | None = None) -> TransformerOutput:
+        tokens, position = inputs.tokens, inputs.tokens_position
+        self._check(tokens, position, cache)
+        h = self.tok_embeddings(tokens)  # [B, L, D]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, position, None if cache is None else cache[i])
+        return TransformerOutput(logits=self.output(self.norm(h)).astype(mx.float32))  # [B, L, V]

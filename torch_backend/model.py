@@ -1,0 +1,86 @@
+"""The Llama 4 text transformer in PyTorch: pre-norm blocks of attention and dense or MoE SwiGLU.
+
+Shapes: B batch, L query length, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.args import LayerRole, ModelArgs
+from common.datatypes import TransformerInput, TransformerOutput
+from torch_backend.attention import Attention, RotaryTable, rms_norm
+from torch_backend.cache import ChunkedKVCache, KVCache
+from torch_backend.moe import FeedForward, MoE
+
+Cache = KVCache | ChunkedKVCache
+
+
+class RMSNorm(nn.Module):
+    """RMS norm in float32, cast back to x's dtype, then scaled by the weight in the model dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.eps) * self.weight
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, role: LayerRole) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, role)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MoE(args) if role.moe else FeedForward(args.dim, args.ffn_hidden_dim)
+
+    def forward(self, x: torch.Tensor, position: int, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: Cache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), position, rope, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, role) for role in args.layer_roles)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = RotaryTable(args)
+
+    def make_cache(self, batch_size: int = 1) -> list[Cache]:
+        """One cache per layer: a chunk ring for chunked RoPE layers, a growing cache otherwise."""
+        chunk = self.args.attention_chunk_size
+        return [ChunkedKVCache(chunk, batch_size) if role.chunked else KVCache(batch_size)
+                for role in self.args.layer_roles]
+
+    def forward(self, inputs: TransformerInput, cache: list[Cache] | None = None) -> TransformerOutput:
+        tokens, position = inputs.tokens, inputs.tokens_position
+        self._check(tokens, position, cache)
+        h = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))  # [B, L, D]
+        rope = self.rope(position, tokens.shape[1], h.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, position, rope, None if cache is None else cache[i])
+        return TransformerOutput(logits=self.output(self.norm(h)).float())  # [B, L, V]
+
+    def _check(self, tokens: torch.Tensor, position: int, cache: list[Cache] | None) -> None:
+        if tokens.dim() != 2:
+            raise ValueError(f"TransformerInput.tokens: expected [B, L], got shape {list(tokens.shape)}")
+        if position < 0:
+            raise ValueError(f"TransformerInput.tokens_position: must be >= 0, got {position}")
+        end, limit = position + tokens.shape[1], self.args.max_seq_len
+        if end > limit:
+            raise ValueError(f"TransformerInput: tokens_position {position} + length {tokens.shape[1]} = {end} "
+                             f"exceeds max_seq_len {limit}")
+        if cache is None:
+            return
+        if len(cache) != len(self.layers):
+            raise ValueError(f"cache: expected one cache per layer ({len(self.layers)}), got {len(cache)}")
+        if any(c.offset != position for c in cache):
+            raise ValueError(f"TransformerInput.tokens_position {position} must equal the cache offset "
+                             f"{cache[0].offset}")
