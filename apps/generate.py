@@ -1,4 +1,5 @@
-"""Generate text with a Llama 4 model: `python -m apps.generate --prompt "..."` or `--chat`.
+"""Generate text with a Llama 4 model: `python -m apps.generate --prompt "..."` or `--chat`;
+`--image PATH` (repeatable) puts images before the prompt (in the first user message with --chat).
 
 Text streams to stdout; statistics go to stderr. Exit codes: 0 ok, 2 usage, 1 any other error.
 """
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     p.add_argument("--system", help="system message (chat format only)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image file for a vision model, placed before the prompt text (repeatable)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -36,33 +39,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _chat_format(tokenizer, disabled: bool):
+def _chat_format(tokenizer, disabled: bool, vision_args=None):
     """The Llama 4 chat format when the tokenizer has its header tokens (instruct models)."""
     from common.chat_format import ChatFormat
 
     if disabled or "<|header_start|>" not in tokenizer.special_tokens:
         return None
-    return ChatFormat(tokenizer)
+    return ChatFormat(tokenizer, vision_args)
 
 
-def _turn_tokens(runner, fmt, text: str, system: str | None, last=None) -> list[int]:
-    """Tokens that open the next turn. The previous turn's last sampled token never reached the
-    cache, so it leads, followed by an end of turn when generation stopped for length."""
+def _turn_tokens(runner, fmt, text: str, system: str | None, last=None, images=()) -> tuple[list[int], list]:
+    """Tokens that open the next turn, and the tiles of its images. The previous turn's last sampled
+    token never reached the cache, so it leads, followed by an end of turn when generation stopped
+    for length."""
+    from common.chat_format import encode_image
+
     tok = runner.tokenizer
     first = last is None
     lead = [] if first else [last.token]
     if fmt is None:
-        return lead + tok.encode(text if first else "\n" + text, bos=first, eos=False)
+        encoded = [encode_image(path, runner.model.args.vision_args, tok.special_tokens) for path in images]
+        head = tok.encode("", bos=True, eos=False) if first else []
+        body = tok.encode(text if first else "\n" + text, bos=False, eos=False)
+        return lead + head + [i for ids, _ in encoded for i in ids] + body, [t for _, t in encoded]
     if not first and last.finish_reason != "stop":
         lead.append(tok.special_tokens["<|eot|>"])
     messages = [{"role": "system", "content": system}] if system and first else []
-    ids = fmt.encode_dialog_prompt(messages + [{"role": "user", "content": text}])
-    return ids if first else lead + ids[1:]  # later turns: no second BOS
+    content = [*({"type": "image", "image": path} for path in images), text] if images else text
+    ids, tiles = fmt.encode_dialog(messages + [{"role": "user", "content": content}])
+    return (ids if first else lead + ids[1:]), tiles  # later turns: no second BOS
 
 
-def _run_turn(runner, ids: list[int], args: argparse.Namespace, sampling, cache):
+def _run_turn(runner, ids: list[int], args: argparse.Namespace, sampling, cache, images=()):
     last = None
-    for r in runner.stream(ids, args.max_tokens, sampling, cache):
+    stream = runner.module.stream_generate(runner.model, runner.tokenizer, ids, args.max_tokens, sampling, cache,
+                                           images=list(images) or None)
+    for r in stream:
         print(r.text, end="", flush=True)
         last = r
     print()
@@ -80,12 +92,14 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               min_p=args.min_p, seed=args.seed)
     runner = load_runner(args.model, args.backend, args.device, args.dtype)
-    fmt = _chat_format(runner.tokenizer, args.no_chat_template)
+    if args.image and runner.model.args.vision_args is None:
+        raise ValueError(f"--image needs a model with a vision encoder; {args.model} has none")
+    fmt = _chat_format(runner.tokenizer, args.no_chat_template, runner.model.args.vision_args)
     if not args.chat:
-        ids = _turn_tokens(runner, fmt, args.prompt or DEFAULT_PROMPT, args.system)
-        _run_turn(runner, ids, args, sampling, runner.make_cache())
+        ids, tiles = _turn_tokens(runner, fmt, args.prompt or DEFAULT_PROMPT, args.system, images=args.image)
+        _run_turn(runner, ids, args, sampling, runner.make_cache(), tiles)
         return 0
-    cache, last = runner.make_cache(), None
+    cache, last, images = runner.make_cache(), None, args.image  # images go with the first message
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
@@ -94,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if not text.strip():
             return 0
-        last = _run_turn(runner, _turn_tokens(runner, fmt, text, args.system, last), args, sampling, cache)
+        ids, tiles = _turn_tokens(runner, fmt, text, args.system, last, images)
+        last, images = _run_turn(runner, ids, args, sampling, cache, tiles), ()
 
 
 def main(argv: list[str] | None = None) -> int:

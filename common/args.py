@@ -54,15 +54,28 @@ class MoEArgs:
         _require(self.interleave_moe_layer_step >= 1, "moe_args.interleave_moe_layer_step", "must be >= 1")
 
 
+def _square(v: Any, name: str) -> int:
+    """A side length from an int, Meta's {"height", "width"} or HF's [height, width]; only squares."""
+    if isinstance(v, dict):
+        v = (v.get("height"), v.get("width"))
+    if isinstance(v, (list, tuple)):
+        _require(len(v) == 2 and v[0] == v[1], name, f"only square sizes are supported, got {v}")
+        v = v[0]
+    _require(isinstance(v, int) and v > 0, name, f"expected a positive int, got {v!r}")
+    return int(v)
+
+
 @dataclass(frozen=True)
 class VisionArgs:
-    image_size: int = 336
+    """The image encoder (ViT), its pixel-shuffle adapter and the tile size; defaults are Scout's."""
+
+    image_size: int = 336  # tile side in pixels
     patch_size: int = 14
     dim: int = 1408
     n_layers: int = 34
     n_heads: int = 16
     mlp_ratio: float = 4.0
-    output_dim: int = 4096
+    output_dim: int = 4096  # adapter output, the input of vision_projection
     pixel_shuffle_ratio: float = 0.5
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -70,6 +83,14 @@ class VisionArgs:
     def __post_init__(self) -> None:
         _require(self.image_size % self.patch_size == 0, "vision.image_size", "must divide by patch_size")
         _require(self.dim % self.n_heads == 0, "vision.dim", f"must divide by n_heads={self.n_heads}")
+        # 2-D RoPE: a quarter of each head's dims rotate by x, a quarter by y (pairs of two).
+        _require(self.head_dim % 4 == 0, "vision.dim", f"dim / n_heads must divide by 4, got {self.head_dim}")
+        s = self.shuffle_factor
+        _require(0 < self.pixel_shuffle_ratio <= 1 and abs(s * self.pixel_shuffle_ratio - 1) < 1e-6,
+                 "vision.pixel_shuffle_ratio", f"must be 1/n for an integer n, got {self.pixel_shuffle_ratio}")
+        _require(self.grid % s == 0, "vision.pixel_shuffle_ratio",
+                 f"the patch grid ({self.grid}) must divide by {s}")
+        _require(self.hidden_dim > 0 and self.output_dim > 0, "vision.mlp_ratio/output_dim", "must be > 0")
 
     @property
     def head_dim(self) -> int:
@@ -81,21 +102,34 @@ class VisionArgs:
 
     @property
     def grid(self) -> int:
+        """Patches per tile side (24 for the real models)."""
         return self.image_size // self.patch_size
+
+    @property
+    def shuffle_factor(self) -> int:
+        """Patches merged per side by the pixel shuffle: round(1 / pixel_shuffle_ratio)."""
+        return round(1 / self.pixel_shuffle_ratio)
+
+    @property
+    def adapter_dim(self) -> int:
+        """Width after the pixel shuffle, the adapter's input (5632 for the real models)."""
+        return self.dim * self.shuffle_factor**2
 
     @property
     def tokens_per_tile(self) -> int:
         """`<|patch|>` tokens per tile after pixel shuffle (144 for the real models)."""
-        return int(self.grid**2 * self.pixel_shuffle_ratio**2)
+        return self.grid**2 // self.shuffle_factor**2
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> VisionArgs:
-        def side(v: Any) -> int:
-            return int(v["width"]) if isinstance(v, dict) else int(v)
-
+        """Meta `params.json` `vision_args` (all fields required, as in the reference)."""
+        names = ("image_size", "patch_size", "dim", "n_layers", "n_heads", "mlp_ratio", "output_dim",
+                 "pixel_shuffle_ratio")
+        for name in names:
+            _require(name in p, f"vision_args.{name}", "missing from params.json")
         return cls(
-            image_size=side(p["image_size"]),
-            patch_size=side(p["patch_size"]),
+            image_size=_square(p["image_size"], "vision_args.image_size"),
+            patch_size=_square(p["patch_size"], "vision_args.patch_size"),
             dim=int(p["dim"]),
             n_layers=int(p["n_layers"]),
             n_heads=int(p["n_heads"]),
@@ -106,19 +140,48 @@ class VisionArgs:
 
     @classmethod
     def from_hf_config(cls, c: dict[str, Any]) -> VisionArgs:
-        dim = int(c.get("hidden_size", 1408))
-        return cls(
-            image_size=int(c.get("image_size", 336)),
-            patch_size=int(c.get("patch_size", 14)),
+        """HF `vision_config` (Llama4VisionConfig); a missing field takes the released models' value.
+
+        transformers sizes the adapter's first linear from `intermediate_size` (it equals the
+        pixel-shuffled width dim / ratio^2 in the real models) and the projector from
+        `vision_output_dim`, so those must agree with the ViT and adapter widths.
+        """
+        dim, ratio = int(c.get("hidden_size", 1408)), float(c.get("pixel_shuffle_ratio", 0.5))
+        hidden = int(c.get("intermediate_size", 5632))
+        out = {k: int(c[k]) for k in ("vision_output_dim", "projector_input_dim", "projector_output_dim") if k in c}
+        _require(len(set(out.values())) <= 1, "vision_config.vision_output_dim",
+                 f"vision_output_dim, projector_input_dim and projector_output_dim must be equal, got {out}")
+        rope = c.get("rope_parameters") or {}
+        args = cls(
+            image_size=_square(c.get("image_size", 336), "vision_config.image_size"),
+            patch_size=_square(c.get("patch_size", 14), "vision_config.patch_size"),
             dim=dim,
             n_layers=int(c.get("num_hidden_layers", 34)),
             n_heads=int(c.get("num_attention_heads", 16)),
-            mlp_ratio=int(c.get("intermediate_size", 5632)) / dim,
-            output_dim=int(c.get("vision_output_dim", 4096)),
-            pixel_shuffle_ratio=float(c.get("pixel_shuffle_ratio", 0.5)),
+            mlp_ratio=hidden / dim,
+            output_dim=next(iter(out.values()), 4096),
+            pixel_shuffle_ratio=ratio,
             norm_eps=float(c.get("norm_eps", 1e-5)),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
         )
+        _require(args.hidden_dim == hidden, "vision_config.intermediate_size",
+                 f"{hidden} is not a whole multiple of hidden_size {dim} that round-trips")
+        _require(hidden == args.adapter_dim, "vision_config.intermediate_size",
+                 f"transformers feeds the pixel-shuffled width (hidden_size / pixel_shuffle_ratio^2 = "
+                 f"{args.adapter_dim}) to a linear of input intermediate_size = {hidden}; they must be equal")
+        return args
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A `vision_config` that transformers and `from_hf_config` read back to these args."""
+        return {
+            "model_type": "llama4_vision_model", "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "intermediate_size": self.hidden_dim,
+            "image_size": self.image_size, "patch_size": self.patch_size, "num_channels": 3,
+            "pixel_shuffle_ratio": self.pixel_shuffle_ratio, "vision_output_dim": self.output_dim,
+            "projector_input_dim": self.output_dim, "projector_output_dim": self.output_dim,
+            "norm_eps": self.norm_eps, "hidden_act": "gelu", "multi_modal_projector_bias": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+        }
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from common.meta_checkpoint import (
     shard_axis,
 )
 from common.names import canonical_shapes
+from common.quant import STACKED, expected_names, expected_shapes, part_names, quant_prefix, split_part
+from common.vision_checkpoint import HF_VISION_RULES, vision_hf_name
 
 __all__ = [
     "CheckpointError", "LazyDict", "canonical_to_hf", "canonical_to_meta", "check_keys", "checked_items",
@@ -90,6 +92,11 @@ def _hf_rules() -> tuple[Rule, ...]:
     layer, ex = _LM + r"model\.layers\.(\d+)\.", "layers.{0}.feed_forward.experts."
     rules = [Rule(_LM + re.escape(hf), (canon,)) for hf, canon in _HF_GLOBAL]
     rules += [Rule(layer + re.escape(hf), ("layers.{0}." + canon,)) for hf, canon in _HF_LAYER + _MLX_STACKED]
+    # MLX quantized parts beside each weight: `X.scales` / `X.biases` -> canonical `P.scales` / `P.biases`
+    rules += [Rule(_LM + re.escape(hf[: -len("weight")]) + part, (quant_prefix(canon) + "." + part,))
+              for hf, canon in _HF_GLOBAL for part in ("scales", "biases")]
+    rules += [Rule(layer + re.escape(hf[: -len("weight")]) + part, ("layers.{0}." + quant_prefix(canon) + "." + part,))
+              for hf, canon in _HF_LAYER + _MLX_STACKED for part in ("scales", "biases")]
     rules += [
         Rule(layer + r"feed_forward\.experts\.gate_up_proj", (ex + "w_gate", ex + "w_value"), _split_gate_up),
         Rule(layer + r"feed_forward\.experts\.down_proj", (ex + "w_out",), _swap_experts),
@@ -120,10 +127,17 @@ def detect_layout(keys: Iterable[str]) -> Literal["meta", "hf", "canonical"]:
 def hf_to_canonical(sd: Mapping[str, Any], args: ModelArgs) -> LazyDict:
     """HF (CausalLM or ConditionalGeneration) or mlx-lm names -> canonical names, lazily.
 
-    Canonical keys pass through unchanged; vision tensors are left aside (see `split_vision`).
+    Canonical keys pass through unchanged; vision tensors are mapped when `args` has a vision part,
+    else left aside (see `split_vision`). MLX quantized parts (`scales`, `biases`) land beside their
+    weights, named as `common.quant` says.
     """
-    return LazyDict(remap(sd, HF_RULES, args, passthrough=list(canonical_shapes(args)), ignore=VISION,
-                          layout="hf"))
+    names = [k for n in canonical_shapes(args) for k in dict.fromkeys((n, *part_names(n)))]
+    vision = args.vision_args is not None  # vision tensors are mapped only for a config with a vision part
+    thunks = remap(sd, HF_RULES + (HF_VISION_RULES if vision else ()), args, passthrough=names,
+                   ignore=r"(?!)" if vision else VISION, layout="hf")
+    # A packed expert stack sits beside its scales as `experts.w_gate.weight` (see common.quant).
+    return LazyDict({(f"{k}.weight" if re.fullmatch(STACKED, k) and f"{k}.scales" in thunks else k): t
+                     for k, t in thunks.items()})
 
 
 def _fuse_gate_up(sd: Mapping[str, Array], gate: str, value: str) -> Thunk:
@@ -155,19 +169,29 @@ def canonical_to_hf(sd: Mapping[str, Array], args: ModelArgs, conditional: bool 
     thunks: dict[str, Thunk] = {}
     unknown = []
     for key in sd:
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
+        name, part = split_part(key)  # quantized parts take the HF name of their tensor, `weight` -> part
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
         experts = re.fullmatch(r"feed_forward\.experts\.(w_gate|w_value|w_out)", m[2]) if m else None
-        if key in to_global:
-            thunks[prefix + to_global[key]] = _getter(sd, key)
+        if name in to_global:
+            thunks[_hf_part(prefix + to_global[name], part)] = _getter(sd, key)
         elif m and m[2] in to_layer:
-            thunks[f"{prefix}model.layers.{m[1]}.{to_layer[m[2]]}"] = _getter(sd, key)
+            thunks[_hf_part(f"{prefix}model.layers.{m[1]}.{to_layer[m[2]]}", part)] = _getter(sd, key)
+        elif experts and part:
+            raise CheckpointError(f"{key}: quantized experts are written as mlx-lm's stacked experts only "
+                                  f"(stacked_experts=True), not as HF's fused gate_up_proj")
         elif experts:
             thunks.update(_hf_experts(sd, key, f"{prefix}model.layers.{m[1]}.feed_forward.experts.", experts[1]))
+        elif conditional and vision_hf_name(key) is not None:  # vision_model.* sits beside language_model.
+            thunks[vision_hf_name(key)] = _getter(sd, key)
         elif not re.fullmatch(VISION, key):
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{len(unknown)} key(s) are not canonical names: " + ", ".join(unknown))
     return LazyDict({name: _contiguous(t) for name, t in thunks.items()})
+
+
+def _hf_part(hf_name: str, part: str | None) -> str:
+    return hf_name if part is None else hf_name[: -len("weight")] + part
 
 
 def _contiguous(thunk: Thunk) -> Thunk:
@@ -187,8 +211,8 @@ def split_vision(sd: Mapping[str, Any]) -> tuple[LazyDict, LazyDict]:
 
 def check_keys(sd: Mapping[str, Any], args: ModelArgs) -> None:
     """Raise unless the text keys of canonical `sd` are exactly those of the model config."""
-    expected = canonical_shapes(args)
-    keys = [k for k in sd if not re.fullmatch(VISION, k)]
+    expected = dict.fromkeys(expected_names(sd, canonical_shapes(args)))  # quantized tensors: their 3 parts
+    keys = [k for k in sd if args.vision_args is not None or not re.fullmatch(VISION, k)]
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in keys if k not in expected]
     problems = []
@@ -204,7 +228,7 @@ def check_keys(sd: Mapping[str, Any], args: ModelArgs) -> None:
 def checked_items(sd: Mapping[str, Array], args: ModelArgs) -> Iterator[tuple[str, Array]]:
     """(name, array) in canonical order, each checked against its expected shape as it is produced."""
     check_keys(sd, args)
-    for name, shape in canonical_shapes(args).items():
+    for name, shape in expected_shapes(sd, canonical_shapes(args)).items():
         x = sd[name]
         if shape_of(x) != shape:
             raise CheckpointError(f"{name}: expected shape {shape}, found {shape_of(x)}")

@@ -19,6 +19,7 @@ from common import array_ops as ops
 from common.args import ModelArgs
 from common.array_ops import Array, CheckpointError, LazyDict, Rule, Thunk
 from common.names import canonical_shapes
+from common.vision_checkpoint import VISION_SHARD_AXES
 
 META_VISION = r"vision_embeddings\..+|vision_projection\.weight"
 # Buffers, router statistics and (FP8) extra state that the model does not use.
@@ -106,6 +107,7 @@ SHARD_AXES = (
     (r"layers\.\d+\.feed_forward\.(?:shared_expert\.)?w_out\.weight", 1),
     (r"layers\.\d+\.feed_forward\.experts\.w_(?:gate|value)", 1),  # [E, F, D]: ranks split F
     (r"layers\.\d+\.feed_forward\.experts\.w_out", 2),  # [E, D, F]: ranks split F
+    *VISION_SHARD_AXES,
 )
 
 
@@ -227,13 +229,13 @@ def canonical_to_meta(sd: Mapping[str, Array], args: ModelArgs, n_shards: int = 
     """Canonical tensors -> `n_shards` dicts in the layout of the released `consolidated.NN.pth`.
 
     `extras` adds the entries real files may carry and loaders must drop (rope.freqs, router
-    statistics, io.BytesIO extra state). Vision tensors are left aside. Values are contiguous copies or
-    views, ready to write.
+    statistics, io.BytesIO extra state). Vision tensors are written when `args` has a vision part,
+    else left aside. Values are contiguous copies or views, ready to write.
     """
     if n_shards < 1:
         raise ValueError(f"n_shards must be >= 1, got {n_shards}")
-    text = [n for n in sd if not re.fullmatch(META_VISION, n)]
-    known = canonical_shapes(args)
+    known = canonical_shapes(args)  # holds the vision tensors when args has a vision part
+    text = [n for n in sd if n in known or not re.fullmatch(META_VISION, n)]
     unexpected = [n for n in text if n not in known]
     if unexpected:
         raise CheckpointError("not canonical names of this model config: " + ", ".join(unexpected))

@@ -66,3 +66,18 @@ def attention_mask(q_start: int, q_len: int, k_start: int, k_len: int, chunk: in
     if chunk is not None:
         allowed &= (k // chunk) == (q // chunk)
     return allowed
+
+
+def vision_rope_cos_sin(grid: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of the image encoder's 2-D RoPE, each [grid*grid + 1, head_dim/2], float32.
+
+    Rows are the patches in row-major order, then CLS (angle 0). Of the head_dim/2 pairs, the first
+    quarter of the dims rotate by the patch column x + 1 and the second by its row y + 1 (1-based),
+    both with frequencies theta^(-4j / head_dim), as Meta's encoder and HF compute them.
+    """
+    freqs = 1.0 / theta ** (np.arange(head_dim // 4, dtype=np.float64) * 4.0 / head_dim)  # [d/4]
+    t = np.arange(grid * grid)
+    x, y = (t % grid + 1).astype(np.float64), (t // grid + 1).astype(np.float64)
+    angles = np.concatenate([np.outer(x, freqs), np.outer(y, freqs)], axis=1)  # [G*G, d/2]
+    angles = np.concatenate([angles, np.zeros((1, head_dim // 2))], axis=0)  # CLS last: [G*G+1, d/2]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -1,7 +1,8 @@
 """Loading models and tokenizers from Meta native, Hugging Face and MLX folders into MLX.
 
 safetensors are opened lazily by `mx.load`; nothing is read until the parameters are evaluated,
-so the weights exist once in memory.
+so the weights exist once in memory. Layers the checkpoint holds quantized (MLX affine, ours or
+mlx-lm's) are swapped for quantized layers before loading (`mlx_llm.quantize`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from common.args import ModelArgs
 from common.checkpoint import LazyDict, checked_items, hf_to_canonical, meta_shards_to_canonical
 from common.files import CheckpointFiles, ModelFolderError, check_safetensors, find_checkpoint, read_args
 from common.progress import progress
+from common.quant import declared_specs
 from common.tokenizer import Tokenizer, load_tokenizer_files
+from common.vision_checkpoint import without_absent_vision
 from mlx_llm.model import Transformer
+from mlx_llm.quantize import quantize_modules
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -72,8 +76,10 @@ def load_model(path: str | Path, dtype: str | None = None, show_progress: bool =
     files = find_checkpoint(path)
     args = read_args(files)
     weights = canonical_weights(files, args)
+    args = without_absent_vision(args, weights)  # text-only conversions keep a vision_config
     target = resolve_dtype(dtype)
     model = Transformer(args)
+    quantize_modules(model, declared_specs(weights, args))  # the layers the checkpoint holds quantized
     items = []
     for name, w in progress(checked_items(weights, args), enabled=show_progress, desc="loading"):
         if target is not None and mx.issubdtype(w.dtype, mx.floating):

@@ -9,10 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from common.args import LayerRole, ModelArgs
-from common.datatypes import TransformerInput, TransformerOutput
+from common.datatypes import MaskedEmbedding, TransformerInput, TransformerOutput
 from mlx_llm.attention import Attention, rms_norm
 from mlx_llm.cache import ChunkedKVCache, KVCache
 from mlx_llm.moe import FeedForward, MoE
+from mlx_llm.vision import VisionEmbeddings
 
 Cache = KVCache | ChunkedKVCache
 
@@ -50,12 +51,27 @@ class Transformer(nn.Module):
         self.layers = [TransformerBlock(args, role) for role in args.layer_roles]
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.vision_args is not None:
+            self.vision_embeddings = VisionEmbeddings(args.vision_args)
+            self.vision_projection = nn.Linear(args.vision_args.output_dim, args.dim, bias=False)
 
     def make_cache(self, batch_size: int = 1) -> list[Cache]:
         """One cache per layer: a chunk ring for chunked RoPE layers, a growing cache otherwise."""
         chunk = self.args.attention_chunk_size
         return [ChunkedKVCache(chunk, batch_size) if role.chunked else KVCache(batch_size)
                 for role in self.args.layer_roles]
+
+    def _merge_image(self, h: mx.array, image: MaskedEmbedding) -> mx.array:
+        """Token embeddings with the projected image features at the masked (`<|patch|>`) rows."""
+        if self.args.vision_args is None:
+            raise ValueError("TransformerInput.image_embedding given, but this model has no vision encoder")
+        B, L, _ = h.shape
+        out_dim = self.args.vision_args.output_dim
+        if tuple(image.embedding.shape) != (B, L, out_dim) or tuple(image.mask.shape) != (B, L, 1):
+            raise ValueError(f"image_embedding: expected embedding [{B}, {L}, {out_dim}] and mask [{B}, {L}, 1], "
+                             f"got {list(image.embedding.shape)} and {list(image.mask.shape)}")
+        projected = self.vision_projection(image.embedding.astype(h.dtype))  # [B, L, D]
+        return mx.where(image.mask.astype(mx.bool_), projected, h)
 
     def _check(self, tokens: mx.array, position: int, cache: list[Cache] | None) -> None:
         if tokens.ndim != 2:
@@ -78,6 +94,8 @@ class Transformer(nn.Module):
         tokens, position = inputs.tokens, inputs.tokens_position
         self._check(tokens, position, cache)
         h = self.tok_embeddings(tokens)  # [B, L, D]
+        if inputs.image_embedding is not None:
+            h = self._merge_image(h, inputs.image_embedding)
         for i, layer in enumerate(self.layers):
             h = layer(h, position, None if cache is None else cache[i])
         return TransformerOutput(logits=self.output(self.norm(h)).astype(mx.float32))  # [B, L, V]

@@ -75,10 +75,14 @@ class Experts(nn.Module):
                 y = mx.gather_mm(a.astype(compute), w, rhs_indices=experts, sorted_indices=sorted_indices)
                 return y.astype(dtype)
 
+        def product(a: mx.array, w: mx.array | nn.Module) -> mx.array:
+            # A quantized stack (mlx_llm.quantize.QuantizedStack) runs its own gather_qmm.
+            return w.gather(a, experts, sorted_indices) if isinstance(w, nn.Module) else mm(a, w)
+
         # Each product is rounded to the model dtype, as a native low-precision gather_mm would.
         x = x[:, None, :]  # [N, 1, D]
-        h = nn.silu(mm(x, self.w_gate)) * mm(x, self.w_value)  # [N, 1, F]
-        return mm(h, self.w_out)[:, 0, :]  # [N, 1, D] -> [N, D]
+        h = nn.silu(product(x, self.w_gate)) * product(x, self.w_value)  # [N, 1, F]
+        return product(h, self.w_out)[:, 0, :]  # [N, 1, D] -> [N, D]
 
 
 class MoE(nn.Module):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
-from common.datatypes import GenerationResponse, TransformerInput
-from common.generation import check_prompt, encode_prompt, process_peak_memory_gb, stream_responses
+from common.datatypes import GenerationResponse, MaskedEmbedding, TransformerInput
+from common.generation import check_prompt, process_peak_memory_gb, stream_responses
+from common.image_prompt import PromptImages, prepare_prompt
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from torch_backend.model import Transformer
@@ -40,10 +42,38 @@ def _generator(params: SamplingParams, device: torch.device) -> torch.Generator 
     return gen
 
 
+def _image_table(model: Transformer, images: PromptImages | None, prompt_len: int) -> torch.Tensor | None:
+    """Every image feature row [T*P, O], then a zero row that text positions point at."""
+    if images is None:
+        return None
+    if model.args.vision_args is None:
+        raise ValueError("images given, but this model has no vision encoder")
+    if images.n_rows and int(images.positions.max()) >= prompt_len:
+        raise ValueError(f"image positions reach {int(images.positions.max())}, past the prompt of {prompt_len}")
+    feats = model.vision_embeddings(torch.from_numpy(images.pixels))  # [T, P, O]
+    feats = feats.reshape(-1, feats.shape[-1])  # [T, P, O] -> [T*P, O]
+    return torch.cat([feats, feats.new_zeros(1, feats.shape[1])])  # [T*P + 1, O]
+
+
+def _image_rows(table: torch.Tensor | None, images: PromptImages | None, start: int,
+                length: int) -> MaskedEmbedding | None:
+    """The image features of prompt positions start .. start+length-1, if any of them is a patch."""
+    if table is None or images is None:
+        return None
+    rows = images.rows(start, length)  # [length]
+    mask = rows < images.n_rows
+    if not mask.any():
+        return None
+    embedding = table[torch.from_numpy(rows).to(table.device)][None]  # [1, length, O]
+    return MaskedEmbedding(embedding=embedding, mask=torch.from_numpy(mask).to(table.device)[None, :, None])
+
+
 def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingParams | None = None,
-                  cache: list | None = None, prefill_step_size: int = 512) -> Iterator[int]:
+                  cache: list | None = None, prefill_step_size: int = 512,
+                  images: PromptImages | None = None) -> Iterator[int]:
     """Token ids after `prompt`, one model call per token after a prefill in steps; runs until the
-    context is full (the caller stops it). A given `cache` continues from its offset."""
+    context is full (the caller stops it). A given `cache` continues from its offset. `images`
+    (positions relative to `prompt`) fill the prompt's `<|patch|>` rows with image features."""
     sampling = sampling or SamplingParams()
     cache = model.make_cache(1) if cache is None else cache
     position = cache[0].offset
@@ -52,9 +82,12 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
     gen = _generator(sampling, device)
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # [1, L]
     with torch.inference_mode():
+        table = _image_table(model, images, ids.shape[1])
         for start in range(0, ids.shape[1], prefill_step_size):
             chunk = ids[:, start:start + prefill_step_size]
-            logits = model(TransformerInput(tokens=chunk, tokens_position=position), cache=cache).logits
+            image = _image_rows(table, images, start, chunk.shape[1])
+            inp = TransformerInput(tokens=chunk, tokens_position=position, image_embedding=image)
+            logits = model(inp, cache=cache).logits
             position += chunk.shape[1]
         token = sample(logits[:, -1], sampling, gen)
     while True:
@@ -75,17 +108,21 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
                     sampling: SamplingParams | None = None, cache: list | None = None,
-                    prefill_step_size: int = 512) -> Iterator[GenerationResponse]:
-    """Responses with the new text and statistics, until a stop token, `max_tokens` or the context end."""
-    ids = encode_prompt(tokenizer, prompt)
+                    prefill_step_size: int = 512, images: Sequence[Any] | None = None) -> Iterator[GenerationResponse]:
+    """Responses with the new text and statistics, until a stop token, `max_tokens` or the context end.
+
+    `images` (files or PIL images; tiles with a prompt of ids) go before the text of a text prompt;
+    a prompt of ids must already hold their tokens (see `common.image_prompt.prepare_prompt`).
+    """
+    ids, prompt_images = prepare_prompt(tokenizer, prompt, images, model.args.vision_args)
     cache = model.make_cache(1) if cache is None else cache
     room = model.args.max_seq_len - cache[0].offset - len(ids)
     device = next(model.parameters()).device
-    steps = generate_step(model, ids, sampling, cache, prefill_step_size)
+    steps = generate_step(model, ids, sampling, cache, prefill_step_size, prompt_images)
     yield from stream_responses(steps, tokenizer, len(ids), max_tokens, room, lambda: _peak_memory_gb(device))
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
-             sampling: SamplingParams | None = None) -> str:
+             sampling: SamplingParams | None = None, images: Sequence[Any] | None = None) -> str:
     """The generated text as one string."""
-    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, sampling))
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, sampling, images=images))

@@ -2,7 +2,8 @@
 
 Weights stay memory-mapped at their source; each canonical tensor is produced, converted to the
 target dtype and device, and placed into a model built on the meta device, so the weights exist
-once in memory.
+once in memory. MLX quantized folders are dequantized into that dtype as they load
+(`torch_backend.quantize`): the same numbers, the memory of the float model.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from common.checkpoint import checked_items, hf_to_canonical, meta_shards_to_can
 from common.files import CheckpointFiles, ModelFolderError, check_safetensors, find_checkpoint, read_args
 from common.progress import progress
 from common.tokenizer import Tokenizer, load_tokenizer_files
+from common.vision_checkpoint import without_absent_vision
 from torch_backend.device import pick_device, resolve_dtype
 from torch_backend.model import Transformer
+from torch_backend.quantize import dequantized
 
 
 class _SafetensorsMapping(Mapping):
@@ -74,7 +77,8 @@ def canonical_weights(files: CheckpointFiles, args: ModelArgs) -> Mapping[str, t
 
 
 def _stored_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
-    dtype = weights["tok_embeddings.weight"].dtype
+    quantized = "tok_embeddings.scales" in weights  # a packed uint32 embedding: its scales hold the dtype
+    dtype = weights["tok_embeddings.scales" if quantized else "tok_embeddings.weight"].dtype
     return dtype if dtype.is_floating_point else torch.float32
 
 
@@ -84,8 +88,10 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     files = find_checkpoint(path)
     args = read_args(files)
     weights = canonical_weights(files, args)
+    args = without_absent_vision(args, weights)  # text-only conversions keep a vision_config
     target_device = pick_device("auto" if device is None else str(device))
     target_dtype = resolve_dtype(dtype) or _stored_dtype(weights)
+    weights = dequantized(weights, args, target_dtype)  # MLX quantized tensors, expanded on load
     with torch.device("meta"):
         model = Transformer(args)
     state = {}

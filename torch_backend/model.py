@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from common.args import LayerRole, ModelArgs
-from common.datatypes import TransformerInput, TransformerOutput
+from common.datatypes import MaskedEmbedding, TransformerInput, TransformerOutput
 from torch_backend.attention import Attention, RotaryTable, rms_norm
 from torch_backend.cache import ChunkedKVCache, KVCache
 from torch_backend.moe import FeedForward, MoE
+from torch_backend.vision import VisionEmbeddings
 
 Cache = KVCache | ChunkedKVCache
 
@@ -52,6 +53,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryTable(args)
+        if args.vision_args is not None:
+            self.vision_embeddings = VisionEmbeddings(args.vision_args)
+            self.vision_projection = nn.Linear(args.vision_args.output_dim, args.dim, bias=False)
 
     def make_cache(self, batch_size: int = 1) -> list[Cache]:
         """One cache per layer: a chunk ring for chunked RoPE layers, a growing cache otherwise."""
@@ -63,10 +67,24 @@ class Transformer(nn.Module):
         tokens, position = inputs.tokens, inputs.tokens_position
         self._check(tokens, position, cache)
         h = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))  # [B, L, D]
+        if inputs.image_embedding is not None:
+            h = self._merge_image(h, inputs.image_embedding)
         rope = self.rope(position, tokens.shape[1], h.device)
         for i, layer in enumerate(self.layers):
             h = layer(h, position, rope, None if cache is None else cache[i])
         return TransformerOutput(logits=self.output(self.norm(h)).float())  # [B, L, V]
+
+    def _merge_image(self, h: torch.Tensor, image: MaskedEmbedding) -> torch.Tensor:
+        """Token embeddings with the projected image features at the masked (`<|patch|>`) rows."""
+        if self.args.vision_args is None:
+            raise ValueError("TransformerInput.image_embedding given, but this model has no vision encoder")
+        B, L, _ = h.shape
+        out_dim = self.args.vision_args.output_dim
+        if tuple(image.embedding.shape) != (B, L, out_dim) or tuple(image.mask.shape) != (B, L, 1):
+            raise ValueError(f"image_embedding: expected embedding [{B}, {L}, {out_dim}] and mask [{B}, {L}, 1], "
+                             f"got {list(image.embedding.shape)} and {list(image.mask.shape)}")
+        projected = self.vision_projection(image.embedding.to(device=h.device, dtype=h.dtype))  # [B, L, D]
+        return torch.where(image.mask.to(device=h.device, dtype=torch.bool), projected, h)
 
     def _check(self, tokens: torch.Tensor, position: int, cache: list[Cache] | None) -> None:
         if tokens.dim() != 2:
