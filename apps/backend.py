@@ -44,8 +44,10 @@ class Runner:
     def make_cache(self) -> list:
         return self.model.make_cache(1)
 
-    def stream(self, prompt: list[int], max_tokens: int, sampling: Any, cache: list | None = None):
-        return self.module.stream_generate(self.model, self.tokenizer, prompt, max_tokens, sampling, cache)
+    def stream(self, prompt: list[int], max_tokens: int, sampling: Any, cache: list | None = None,
+               images: list | None = None):
+        return self.module.stream_generate(self.model, self.tokenizer, prompt, max_tokens, sampling, cache,
+                                           images=images)
 
 
 def load_runner(path: str, backend: str = "auto", device: str = "auto", dtype: str | None = None,

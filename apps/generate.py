@@ -72,9 +72,7 @@ def _turn_tokens(runner, fmt, text: str, system: str | None, last=None, images=(
 
 def _run_turn(runner, ids: list[int], args: argparse.Namespace, sampling, cache, images=()):
     last = None
-    stream = runner.module.stream_generate(runner.model, runner.tokenizer, ids, args.max_tokens, sampling, cache,
-                                           images=list(images) or None)
-    for r in stream:
+    for r in runner.stream(ids, args.max_tokens, sampling, cache, images=list(images) or None):
         print(r.text, end="", flush=True)
         last = r
     print()
