@@ -11,7 +11,7 @@ from functools import cached_property
 from typing import Any
 
 
-def _require(cond: bool, name: str, msg: str) -> None:
+def require_field(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"invalid model config: field '{name}': {msg}")
 
@@ -26,9 +26,9 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self) -> None:
-        _require(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
-        _require(self.low_freq_factor > 0, "rope_scaling.low_freq_factor", "must be > 0")
-        _require(
+        require_field(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
+        require_field(self.low_freq_factor > 0, "rope_scaling.low_freq_factor", "must be > 0")
+        require_field(
             self.high_freq_factor >= self.low_freq_factor,
             "rope_scaling.high_freq_factor",
             f"must be >= low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}",
@@ -44,13 +44,13 @@ class MoEArgs:
     auto_scale_F: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.num_experts >= 1, "moe_args.num_experts", f"must be >= 1, got {self.num_experts}")
-        _require(
+        require_field(self.num_experts >= 1, "moe_args.num_experts", f"must be >= 1, got {self.num_experts}")
+        require_field(
             1 <= self.top_k <= self.num_experts,
             "moe_args.top_k",
             f"must be in [1, num_experts={self.num_experts}], got {self.top_k}",
         )
-        _require(self.interleave_moe_layer_step >= 1, "moe_args.interleave_moe_layer_step", "must be >= 1")
+        require_field(self.interleave_moe_layer_step >= 1, "moe_args.interleave_moe_layer_step", "must be >= 1")
 
 
 def _square(v: Any, name: str) -> int:
@@ -58,9 +58,9 @@ def _square(v: Any, name: str) -> int:
     if isinstance(v, dict):
         v = (v.get("height"), v.get("width"))
     if isinstance(v, (list, tuple)):
-        _require(len(v) == 2 and v[0] == v[1], name, f"only square sizes are supported, got {v}")
+        require_field(len(v) == 2 and v[0] == v[1], name, f"only square sizes are supported, got {v}")
         v = v[0]
-    _require(isinstance(v, int) and v > 0, name, f"expected a positive int, got {v!r}")
+    require_field(isinstance(v, int) and v > 0, name, f"expected a positive int, got {v!r}")
     return int(v)
 
 
@@ -80,16 +80,16 @@ class VisionArgs:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        _require(self.image_size % self.patch_size == 0, "vision.image_size", "must divide by patch_size")
-        _require(self.dim % self.n_heads == 0, "vision.dim", f"must divide by n_heads={self.n_heads}")
+        require_field(self.image_size % self.patch_size == 0, "vision.image_size", "must divide by patch_size")
+        require_field(self.dim % self.n_heads == 0, "vision.dim", f"must divide by n_heads={self.n_heads}")
         # 2-D RoPE: a quarter of each head's dims rotate by x, a quarter by y (pairs of two).
-        _require(self.head_dim % 4 == 0, "vision.dim", f"dim / n_heads must divide by 4, got {self.head_dim}")
+        require_field(self.head_dim % 4 == 0, "vision.dim", f"dim / n_heads must divide by 4, got {self.head_dim}")
         s = self.shuffle_factor
-        _require(0 < self.pixel_shuffle_ratio <= 1 and abs(s * self.pixel_shuffle_ratio - 1) < 1e-6,
+        require_field(0 < self.pixel_shuffle_ratio <= 1 and abs(s * self.pixel_shuffle_ratio - 1) < 1e-6,
                  "vision.pixel_shuffle_ratio", f"must be 1/n for an integer n, got {self.pixel_shuffle_ratio}")
-        _require(self.grid % s == 0, "vision.pixel_shuffle_ratio",
+        require_field(self.grid % s == 0, "vision.pixel_shuffle_ratio",
                  f"the patch grid ({self.grid}) must divide by {s}")
-        _require(self.hidden_dim > 0 and self.output_dim > 0, "vision.mlp_ratio/output_dim", "must be > 0")
+        require_field(self.hidden_dim > 0 and self.output_dim > 0, "vision.mlp_ratio/output_dim", "must be > 0")
 
     @property
     def head_dim(self) -> int:
@@ -125,7 +125,7 @@ class VisionArgs:
         names = ("image_size", "patch_size", "dim", "n_layers", "n_heads", "mlp_ratio", "output_dim",
                  "pixel_shuffle_ratio")
         for name in names:
-            _require(name in p, f"vision_args.{name}", "missing from params.json")
+            require_field(name in p, f"vision_args.{name}", "missing from params.json")
         return cls(
             image_size=_square(p["image_size"], "vision_args.image_size"),
             patch_size=_square(p["patch_size"], "vision_args.patch_size"),
@@ -148,7 +148,7 @@ class VisionArgs:
         dim, ratio = int(c.get("hidden_size", 1408)), float(c.get("pixel_shuffle_ratio", 0.5))
         hidden = int(c.get("intermediate_size", 5632))
         out = {k: int(c[k]) for k in ("vision_output_dim", "projector_input_dim", "projector_output_dim") if k in c}
-        _require(len(set(out.values())) <= 1, "vision_config.vision_output_dim",
+        require_field(len(set(out.values())) <= 1, "vision_config.vision_output_dim",
                  f"vision_output_dim, projector_input_dim and projector_output_dim must be equal, got {out}")
         rope = c.get("rope_parameters") or {}
         args = cls(
@@ -163,9 +163,9 @@ class VisionArgs:
             norm_eps=float(c.get("norm_eps", 1e-5)),
             rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
         )
-        _require(args.hidden_dim == hidden, "vision_config.intermediate_size",
+        require_field(args.hidden_dim == hidden, "vision_config.intermediate_size",
                  f"{hidden} is not a whole multiple of hidden_size {dim} that round-trips")
-        _require(hidden == args.adapter_dim, "vision_config.intermediate_size",
+        require_field(hidden == args.adapter_dim, "vision_config.intermediate_size",
                  f"transformers feeds the pixel-shuffled width (hidden_size / pixel_shuffle_ratio^2 = "
                  f"{args.adapter_dim}) to a linear of input intermediate_size = {hidden}; they must be equal")
         return args
@@ -191,8 +191,8 @@ class QuantizationArgs:
     bits: int = 4
 
     def __post_init__(self) -> None:
-        _require(self.bits in (2, 3, 4, 5, 6, 8), "quantization.bits", f"unsupported value {self.bits}")
-        _require(self.group_size in (32, 64, 128), "quantization.group_size", f"unsupported {self.group_size}")
+        require_field(self.bits in (2, 3, 4, 5, 6, 8), "quantization.bits", f"unsupported value {self.bits}")
+        require_field(self.group_size in (32, 64, 128), "quantization.group_size", f"unsupported {self.group_size}")
 
 
 @dataclass(frozen=True)
@@ -232,21 +232,21 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "head_dim", "ffn_hidden_dim"):
-            _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        _require(self.n_kv_heads <= self.n_heads, "n_kv_heads", f"must be <= n_heads={self.n_heads}")
-        _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
-        _require(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE rotates pairs)")
-        _require(len(self.rope_layers) == self.n_layers, "no_rope_layers",
+            require_field(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        require_field(self.n_kv_heads <= self.n_heads, "n_kv_heads", f"must be <= n_heads={self.n_heads}")
+        require_field(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
+        require_field(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE rotates pairs)")
+        require_field(len(self.rope_layers) == self.n_layers, "no_rope_layers",
                  f"needs one entry per layer ({self.n_layers}), got {len(self.rope_layers)}")
-        _require(all(0 <= i < self.n_layers for i in self.moe_layers), "moe_layers",
+        require_field(all(0 <= i < self.n_layers for i in self.moe_layers), "moe_layers",
                  f"indices must be in [0, {self.n_layers}), got {list(self.moe_layers)}")
-        _require(not self.moe_layers or self.moe_args is not None, "moe_layers", "MoE layers need moe_args")
-        _require(not self.moe_layers or self.moe_hidden_dim > 0, "intermediate_size",
+        require_field(not self.moe_layers or self.moe_args is not None, "moe_layers", "MoE layers need moe_args")
+        require_field(not self.moe_layers or self.moe_hidden_dim > 0, "intermediate_size",
                  "MoE layers need the expert width")
-        _require(self.attention_chunk_size is None or self.attention_chunk_size > 0,
+        require_field(self.attention_chunk_size is None or self.attention_chunk_size > 0,
                  "attention_chunk_size", "must be > 0 or null")
-        _require(self.floor_scale > 0, "floor_scale", "must be > 0")
-        _require(self.max_seq_len > 0, "max_seq_len", "must be > 0")
+        require_field(self.floor_scale > 0, "floor_scale", "must be > 0")
+        require_field(self.max_seq_len > 0, "max_seq_len", "must be > 0")
 
     @cached_property
     def layer_roles(self) -> tuple[LayerRole, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from common.args import MoEArgs, RopeScaling, VisionArgs, _require
+from common.args import MoEArgs, RopeScaling, VisionArgs, require_field
 
 if TYPE_CHECKING:
     from common.args import ModelArgs
@@ -15,10 +15,10 @@ def parse_params(cls: type[ModelArgs], params: dict[str, Any], max_seq_len: int 
     """Flat params.json (a nested `model` object is accepted too); unknown keys are ignored."""
     p = params.get("model", params) if "dim" not in params else params
     for name in ("dim", "n_layers", "n_heads", "vocab_size"):
-        _require(name in p, name, "missing from params.json")
+        require_field(name in p, name, "missing from params.json")
     dim, n_heads = int(p["dim"]), int(p["n_heads"])
-    _require(p.get("n_kv_heads") is not None, "n_kv_heads", "missing from params.json (required)")
-    _require(dim % n_heads == 0, "dim", f"must divide by n_heads={n_heads}")
+    require_field(p.get("n_kv_heads") is not None, "n_kv_heads", "missing from params.json (required)")
+    require_field(dim % n_heads == 0, "dim", f"must divide by n_heads={n_heads}")
     n_layers = int(p["n_layers"])
     multiple_of = int(p.get("multiple_of", 256))
     mult = p.get("ffn_dim_multiplier")
@@ -38,8 +38,8 @@ def parse_params(cls: type[ModelArgs], params: dict[str, Any], max_seq_len: int 
             capacity_factor=float(m.get("capacity_factor", 1.0)),
             auto_scale_F=bool(m.get("auto_scale_F", True)),
         )
-        _require(mult is not None, "ffn_dim_multiplier", "required when moe_args is set")
-        _require(p.get("ffn_exp") is not None, "ffn_exp", "required when moe_args is set")
+        require_field(mult is not None, "ffn_dim_multiplier", "required when moe_args is set")
+        require_field(p.get("ffn_exp") is not None, "ffn_exp", "required when moe_args is set")
         h = int(float(p["ffn_exp"]) * dim)
         h = int(float(mult) * int(2 * h / 3))
         if moe_args.auto_scale_F:
