@@ -82,6 +82,8 @@ def parse_hf_config(cls: type[ModelArgs], config: dict[str, Any]) -> ModelArgs:
     quant = config.get("quantization") or config.get("quantization_config")
     quantization = None
     if quant is not None and "bits" in quant:
+        if quant.get("mode", "affine") != "affine":
+            raise _bad("quantization.mode", f"only MLX affine quantization is supported, got {quant['mode']!r}")
         quantization = QuantizationArgs(group_size=int(quant["group_size"]), bits=int(quant["bits"]))
     vision = None
     if config.get("model_type") == "llama4" and isinstance(config.get("vision_config"), dict):

@@ -155,3 +155,10 @@ def test_chunked_mask() -> None:
             assert m[qi, k] == (k <= q and k // 4 == q // 4)
     g = attention_mask(6, 4, 0, 10, None)
     assert g.sum() == 7 + 8 + 9 + 10
+
+
+def test_hf_config_rejects_non_affine_quantization() -> None:
+    c = _real_hf_config() | {"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}}
+    with pytest.raises(ValueError, match="quantization.mode"):
+        ModelArgs.from_hf_config(c)
+    assert ModelArgs.from_hf_config(c | {"quantization": {"group_size": 32, "bits": 4}}).quantization.bits == 4
