@@ -22,10 +22,10 @@ import json
 import shutil
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 from typing import Any
 
+from apps.cli import report_errors
 from apps.convert_io import PthSource, SafetensorsSource, ShardWriter
 from apps.convert_plan import Group, open_canonical, output_config, plan_groups, shard_groups, write_group
 from common.args import QuantizationArgs
@@ -154,20 +154,14 @@ def _publish(tmp: Path, dst: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quantization = QuantizationArgs(group_size=args.q_group_size, bits=args.q_bits) if args.quantize else None
-    try:
+
+    def body() -> int:
         out = convert(args.model, args.out, quantization, args.dtype, args.force, show_progress=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted; nothing was written to --out", file=sys.stderr)
-        return 130
-    except Exception as e:  # one line for users; the traceback with --verbose
-        if args.verbose:
-            traceback.print_exc()
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
-    what = f"{quantization.bits}-bit, group size {quantization.group_size}" if quantization else "not quantized"
-    print(f"wrote {out} ({what})", file=sys.stderr)
-    return 0
+        what = f"{quantization.bits}-bit, group size {quantization.group_size}" if quantization else "not quantized"
+        print(f"wrote {out} ({what})", file=sys.stderr)
+        return 0
+
+    return report_errors(body, args.verbose, interrupted="interrupted; nothing was written to --out")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
+
+from apps.cli import report_errors
 
 DEMO_MODEL = str(Path(__file__).parent / "demo_model")
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -112,17 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except Exception as e:  # one line for users; the traceback with --verbose
-        if args.verbose:
-            traceback.print_exc()
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    return report_errors(lambda: run(args), args.verbose)
 
 
 if __name__ == "__main__":
