@@ -12,12 +12,13 @@ import mlx.nn as nn
 from common.args import LayerRole, ModelArgs
 from common.rope import attention_mask, rope_inv_freqs, temperature_scales
 from mlx_llm.cache import ChunkedKVCache, KVCache
+from mlx_llm.fused import FusedRows
+from mlx_llm.parallel import linear
 
 
 def rms_norm(x: mx.array, eps: float) -> mx.array:
     """x / rms(x) over the last axis, computed in float32 and cast back to x's dtype."""
-    x32 = x.astype(mx.float32)
-    return (x32 * mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return mx.fast.rms_norm(x.astype(mx.float32), None, eps).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -33,9 +34,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(D, args.n_kv_heads * d, bias=False)
         self.wv = nn.Linear(D, args.n_kv_heads * d, bias=False)
         self.wo = nn.Linear(args.n_heads * d, D, bias=False)
+        self._qkv = FusedRows(self, ("wq", "wk", "wv"))
         # mx.fast.rope's `freqs` are periods (1 / inverse frequency); the leading underscore keeps
         # this float32 table out of the parameters.
         self._rope_periods = mx.array(1.0 / rope_inv_freqs(d, args.rope_theta, args.rope_scaling))
+
+    def fuse(self) -> None:
+        """Store wq|wk|wv as one matrix (the parameters become views of it): one product per call."""
+        self._qkv.fuse()
 
     def _rope(self, x: mx.array, position: int) -> mx.array:
         # Rotated in float32 and cast back, as the reference does; bf16 rope rounds differently.
@@ -43,36 +49,46 @@ class Attention(nn.Module):
                          offset=position, freqs=self._rope_periods)
         return y.astype(x.dtype)
 
-    def _project(self, x: mx.array, position: int) -> tuple[mx.array, mx.array, mx.array]:
+    def _qkv_heads(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """q|k heads [B, H+K, L, d] and v heads [B, K, L, d]."""
         B, L, _ = x.shape
-        q = self.wq(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, d]
-        k = self.wk(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, K, L, d]
-        v = self.wv(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, K, L, d]
+        H, K = self.n_heads, self.n_kv_heads
+        qkv = self._qkv(x)  # [B, L, (H+2K)*d], one product when fused
+        qkv = qkv.reshape(B, L, H + 2 * K, -1).transpose(0, 2, 1, 3)  # [B, H+2K, L, d]
+        return qkv[:, : H + K], qkv[:, H + K :]
+
+    def _project(self, x: mx.array, position: int) -> tuple[mx.array, mx.array, mx.array]:
+        """q [B, H, L, d], k and v [B, K, L, d]; q and k rotated and normed together."""
+        qk, v = self._qkv_heads(x)
         if self.role.use_rope:
-            q, k = self._rope(q, position), self._rope(k, position)
+            qk = self._rope(qk, position)
         if self.role.qk_norm:
-            q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
+            qk = rms_norm(qk, self.norm_eps)
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         if self.role.temperature_tuning:
-            scales = temperature_scales(position, L, self.floor_scale, self.attn_scale)
+            scales = temperature_scales(position, x.shape[1], self.floor_scale, self.attn_scale)
             # Scaled in float32 and cast back, as HF does (Meta's reference promotes q instead).
             q = (q * mx.array(scales)[:, None]).astype(q.dtype)  # scales [L, 1] over [B, H, L, d]
         return q, k, v
 
     def _mask(self, position: int, L: int, k_start: int, S: int) -> mx.array | str | None:
-        """None for one query; "causal" when all keys and queries share a chunk; else [L, S] bool."""
-        if L == 1:
-            return None
-        # Keys always end at the last query, so mlx's lower-right "causal" is exact and builds no mask.
+        """None or "causal" when all keys and queries share a chunk (keys always end at the last
+        query, so mlx's lower-right "causal" is exact and builds no mask); else [L, S] bool."""
         if self.chunk is None or k_start // self.chunk == (position + L - 1) // self.chunk:
-            return "causal"
+            return None if L == 1 else "causal"
         return mx.array(attention_mask(position, L, k_start, S, self.chunk))  # [L, S] bool
 
-    def __call__(self, x: mx.array, position: int, cache: KVCache | ChunkedKVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, position: int, cache: KVCache | ChunkedKVCache | None = None,
+                 last_only: bool = False) -> mx.array:
+        """[B, L, D] -> [B, L, D]; with `last_only`, keys and values of every position still reach
+        the cache but only the last position attends: [B, 1, D]."""
         B, L, _ = x.shape
         q, k, v = self._project(x, position)
         k_start = position
         if cache is not None:
             k, v, k_start = cache.update_and_fetch(k, v)  # [B, K, S, d]
+        if last_only and L > 1:
+            q, position, L = q[:, :, -1:], position + L - 1, 1  # [B, H, 1, d]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5,
                                                    mask=self._mask(position, L, k_start, k.shape[2]))
-        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # [B, H, L, d] -> [B, L, H*d]
+        return linear(self.wo, out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # [B, H, L, d] -> [B, L, H*d]

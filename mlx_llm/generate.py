@@ -88,17 +88,27 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
         chunk = ids[:, start:start + prefill_step_size]
         image = _image_rows(table, images, start, chunk.shape[1])
         inp = TransformerInput(tokens=chunk, tokens_position=position, image_embedding=image)
-        logits = model(inp, cache=cache).logits
+        logits = model(inp, cache=cache, last_only=True).logits  # [1, 1, V]: a prefill needs no more
         position += chunk.shape[1]
         mx.eval([a for c in cache for a in (c.keys, c.values) if a is not None])  # bound the lazy graph
     token = sample(logits[:, -1], sampling, next_key())
-    while True:
+    mx.async_eval(token)
+    ahead = False
+    try:
+        while position < model.args.max_seq_len:
+            # Build and start the next step before waiting for this token, so Python's work overlaps
+            # the computation; the cache runs one position ahead until the token is taken.
+            inp = TransformerInput(tokens=token.reshape(1, 1), tokens_position=position)
+            following = sample(model(inp, cache=cache).logits[:, -1], sampling, next_key())
+            mx.async_eval(following)
+            position, ahead = position + 1, True
+            yield int(token.item())
+            token, ahead = following, False
         yield int(token.item())
-        if position >= model.args.max_seq_len:
-            return
-        logits = model(TransformerInput(tokens=token.reshape(1, 1), tokens_position=position), cache=cache).logits
-        token = sample(logits[:, -1], sampling, next_key())
-        position += 1
+    finally:
+        if ahead:  # stopped while a step ran ahead: its position was never handed out
+            for c in cache:
+                c.rewind(1)
 
 
 def _peak_memory_gb() -> float:
@@ -118,7 +128,10 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequ
     cache = model.make_cache(1) if cache is None else cache
     room = model.args.max_seq_len - cache[0].offset - len(ids)
     steps = generate_step(model, ids, sampling, cache, prefill_step_size, prompt_images)
-    yield from stream_responses(steps, tokenizer, len(ids), max_tokens, room, _peak_memory_gb)
+    try:
+        yield from stream_responses(steps, tokenizer, len(ids), max_tokens, room, _peak_memory_gb)
+    finally:
+        steps.close()  # hands the position of a step run ahead back to the cache now
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,

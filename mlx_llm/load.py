@@ -71,8 +71,7 @@ def canonical_weights(files: CheckpointFiles, args: ModelArgs) -> Mapping[str, m
     return hf_to_canonical(_safetensors_weights(files), args)
 
 
-def load_model(path: str | Path, dtype: str | None = None, show_progress: bool = False) -> Transformer:
-    """The model in `path` in `dtype` (default: as stored)."""
+def _unfused_model(path: str | Path, dtype: str | None, show_progress: bool) -> Transformer:
     files = find_checkpoint(path)
     args = read_args(files)
     weights = canonical_weights(files, args)
@@ -84,11 +83,21 @@ def load_model(path: str | Path, dtype: str | None = None, show_progress: bool =
     for name, w in progress(checked_items(weights, args), enabled=show_progress, desc="loading"):
         if target is not None and mx.issubdtype(w.dtype, mx.floating):
             w = w.astype(target)
+        # HF experts arrive as transposed views of the file's gate_up_proj / down_proj; matmuls
+        # over such views copy the whole stack on every call, so lay them out row-major once.
+        w = mx.contiguous(w)
         items.append((name, w))
         if show_progress:
             mx.eval(w)  # materialise tensor by tensor so the bar tracks reading
     model.load_weights(items, strict=True)
     mx.eval(model.parameters())
+    return model
+
+
+def load_model(path: str | Path, dtype: str | None = None, show_progress: bool = False) -> Transformer:
+    """The model in `path` in `dtype` (default: as stored), its projections fused."""
+    model = _unfused_model(path, dtype, show_progress)
+    model.fuse()  # after the loader's references to the source arrays are gone, so they free as it goes
     return model
 
 

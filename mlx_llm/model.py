@@ -13,6 +13,7 @@ from common.datatypes import MaskedEmbedding, TransformerInput, TransformerOutpu
 from mlx_llm.attention import Attention, rms_norm
 from mlx_llm.cache import ChunkedKVCache, KVCache
 from mlx_llm.moe import FeedForward, MoE
+from mlx_llm.parallel import linear
 from mlx_llm.vision import VisionEmbeddings
 
 Cache = KVCache | ChunkedKVCache
@@ -27,6 +28,8 @@ class RMSNorm(nn.Module):
         self.weight = mx.ones((dim,))
 
     def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype == mx.float32 and self.weight.dtype == mx.float32:
+            return mx.fast.rms_norm(x, self.weight, self.eps)  # the same order, in one kernel
         return rms_norm(x, self.eps) * self.weight
 
 
@@ -38,8 +41,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoE(args) if role.moe else FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def __call__(self, x: mx.array, position: int, cache: Cache | None = None) -> mx.array:
-        h = x + self.attention(self.attention_norm(x), position, cache)
+    def fuse(self) -> None:
+        self.attention.fuse()
+        self.feed_forward.fuse()
+
+    def __call__(self, x: mx.array, position: int, cache: Cache | None = None, last_only: bool = False) -> mx.array:
+        """[B, L, D] -> [B, L, D], or [B, 1, D] for the last position alone (the cache gets all)."""
+        h = (x[:, -1:] if last_only else x) + self.attention(self.attention_norm(x), position, cache, last_only)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -54,6 +62,13 @@ class Transformer(nn.Module):
         if args.vision_args is not None:
             self.vision_embeddings = VisionEmbeddings(args.vision_args)
             self.vision_projection = nn.Linear(args.vision_args.output_dim, args.dim, bias=False)
+
+    def fuse(self) -> None:
+        """Store q|k|v and gate|value projections as single matrices (the canonical parameters
+        become views of them): fewer, larger products. `load_model` calls it; anything that later
+        replaces the parameters (load_weights, set_dtype) silently returns to separate products."""
+        for layer in self.layers:
+            layer.fuse()
 
     def make_cache(self, batch_size: int = 1) -> list[Cache]:
         """One cache per layer: a chunk ring for chunked RoPE layers, a growing cache otherwise."""
@@ -90,12 +105,17 @@ class Transformer(nn.Module):
             raise ValueError(f"TransformerInput.tokens_position {position} must equal the cache offset "
                              f"{cache[0].offset}")
 
-    def __call__(self, inputs: TransformerInput, cache: list[Cache] | None = None) -> TransformerOutput:
+    def __call__(self, inputs: TransformerInput, cache: list[Cache] | None = None,
+                 last_only: bool = False) -> TransformerOutput:
+        """Logits [B, L, V] float32; `last_only` computes the last position's alone ([B, 1, V]),
+        all a prefill needs."""
         tokens, position = inputs.tokens, inputs.tokens_position
         self._check(tokens, position, cache)
         h = self.tok_embeddings(tokens)  # [B, L, D]
         if inputs.image_embedding is not None:
             h = self._merge_image(h, inputs.image_embedding)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer(h, position, None if cache is None else cache[i])
-        return TransformerOutput(logits=self.output(self.norm(h)).astype(mx.float32))  # [B, L, V]
+            # With last_only, the final layer runs its attention output and feed-forward for one position.
+            h = layer(h, position, None if cache is None else cache[i], last_only and i == last)
+        return TransformerOutput(logits=linear(self.output, self.norm(h)).astype(mx.float32))  # [B, L, V]

@@ -40,8 +40,12 @@ class _Packed(nn.Module):
         self.scales = mx.zeros(s)
         self.biases = mx.zeros(b)
 
-    def _parts(self, dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
-        return self.weight, self.scales.astype(dtype), self.biases.astype(dtype)
+    def _parts(self, dtype: mx.Dtype, lo: int = 0, hi: int | None = None) -> tuple[mx.array, mx.array, mx.array]:
+        """weight, scales and biases of output rows lo .. hi-1 (all by default), scales in `dtype`."""
+        w, s, b = self.weight, self.scales, self.biases
+        if lo or hi is not None:  # groups run along the input axis, so any output rows can be taken
+            w, s, b = w[..., lo:hi, :], s[..., lo:hi, :], b[..., lo:hi, :]
+        return w, s.astype(dtype), b.astype(dtype)
 
 
 class QuantizedLinear(_Packed):
@@ -51,8 +55,12 @@ class QuantizedLinear(_Packed):
         super().__init__((out_dims, in_dims), spec)
 
     def __call__(self, x: mx.array) -> mx.array:
+        return self.rows(x, 0, None)
+
+    def rows(self, x: mx.array, lo: int, hi: int | None) -> mx.array:
+        """Output features lo .. hi-1 of the product: [..., I] -> [..., hi - lo]."""
         c = compute_dtype(x.dtype)
-        y = mx.quantized_matmul(x.astype(c), *self._parts(c), transpose=True, group_size=self.group_size,
+        y = mx.quantized_matmul(x.astype(c), *self._parts(c, lo, hi), transpose=True, group_size=self.group_size,
                                 bits=self.bits)
         return y.astype(x.dtype)
 
@@ -80,10 +88,11 @@ class QuantizedStack(_Packed):
         """The logical [E, O, I] shape, as an unquantized stack reports it."""
         return self.num_experts, self.out_dims, self.in_dims
 
-    def gather(self, x: mx.array, experts: mx.array, sorted_indices: bool) -> mx.array:
-        """x [N, 1, I], experts [N] -> [N, 1, O]."""
+    def gather(self, x: mx.array, experts: mx.array, sorted_indices: bool, lo: int = 0,
+               hi: int | None = None) -> mx.array:
+        """x [N, 1, I], experts [N] -> [N, 1, O] (output features lo .. hi-1 only, if given)."""
         c = compute_dtype(x.dtype)
-        y = mx.gather_qmm(x.astype(c), *self._parts(c), rhs_indices=experts, transpose=True,
+        y = mx.gather_qmm(x.astype(c), *self._parts(c, lo, hi), rhs_indices=experts, transpose=True,
                           group_size=self.group_size, bits=self.bits, sorted_indices=sorted_indices)
         return y.astype(x.dtype)
 

@@ -1,10 +1,13 @@
 """Llama 4 attention: GQA with interleaved RoPE and QK norm (RoPE layers) or temperature-tuned
 global attention (NoPE layers).
 
-Shapes: B batch, L query length, S key length, H query heads, K kv heads, d head dim, D model dim.
+Shapes: B batch, L query length, S key length, H query heads, K kv heads, G = H / K, d head dim,
+D model dim.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,38 +17,105 @@ from common.args import LayerRole, ModelArgs
 from common.rope import attention_mask, rope_cos_sin, rope_inv_freqs, temperature_scales
 from torch_backend.cache import ChunkedKVCache, KVCache
 from torch_backend.device import to_device_mask
+from torch_backend.fused import FusedGroup, FusedModule, linear
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last axis, computed in float32 and cast back to x's dtype."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class _GrowingTable:
+    """Rows 0 .. n-1 of a per-position table, computed by `make(start, length)` on a device; grows
+    by doubling, so a decode loop computes nothing per step."""
+
+    def __init__(self, make: Callable[[int, int], torch.Tensor], limit: int) -> None:
+        self.make, self.limit = make, limit
+        self.rows: torch.Tensor | None = None
+
+    def __call__(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        end = start + length
+        if self.rows is None or self.rows.device != device or end > self.rows.shape[0]:
+            size = min(max(end, 256, 2 * (0 if self.rows is None else self.rows.shape[0])), max(self.limit, end))
+            self.rows = self.make(0, size).to(device)
+        return self.rows[start:end]
 
 
 class RotaryTable:
-    """cos/sin of interleaved-pair RoPE for a range of absolute positions, float32 on a device.
+    """RoPE rotations per absolute position as complex float32 (cos + i sin), [L, d/2].
 
-    A plain object rather than a buffer, so `model.to(dtype)` never rounds the frequencies.
+    A plain object rather than a buffer, so `model.to(dtype)` never rounds the frequencies; the
+    values are common.rope's, computed once per position.
     """
 
     def __init__(self, args: ModelArgs) -> None:
         self.inv_freqs = rope_inv_freqs(args.head_dim, args.rope_theta, args.rope_scaling)
+        self._table = _GrowingTable(self._make, args.max_seq_len)
 
-    def __call__(self, position: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = rope_cos_sin(self.inv_freqs, position, length)  # each [L, d/2]
-        return torch.from_numpy(cos).to(device), torch.from_numpy(sin).to(device)
+    def _make(self, start: int, length: int) -> torch.Tensor:
+        cos, sin = rope_cos_sin(self.inv_freqs, start, length)  # each [L, d/2]
+        return torch.complex(torch.from_numpy(cos), torch.from_numpy(sin))
+
+    def __call__(self, position: int, length: int, device: torch.device) -> torch.Tensor:
+        return self._table(position, length, device)
+
+
+class Positions:
+    """What every layer of one forward shares: its positions' rotations, NoPE query scales and masks."""
+
+    def __init__(self, args: ModelArgs, rope: RotaryTable, temps: _GrowingTable | None, start: int, length: int,
+                 device: torch.device) -> None:
+        self.start, self.length, self.device = start, length, device
+        self.rope = rope(start, length, device) if any(r.use_rope for r in args.layer_roles) else None  # [L, d/2]
+        self.temps = None if temps is None else temps(start, length, device)[:, None, None]  # [L, 1, 1]
+        self._masks: dict[tuple[int, int, int, int, int | None], torch.Tensor] = {}
+
+    def mask(self, q_start: int, q_len: int, k_start: int, S: int, chunk: int | None) -> torch.Tensor:
+        """Bool [q_len, S] (True = may attend), built once per forward for each span and chunking."""
+        key = (q_start, q_len, k_start, S, chunk)
+        if key not in self._masks:
+            self._masks[key] = to_device_mask(attention_mask(q_start, q_len, k_start, S, chunk), self.device)
+        return self._masks[key]
+
+
+def temperature_table(args: ModelArgs) -> _GrowingTable | None:
+    """NoPE query scales per position (float32), or None when no layer tunes its temperature."""
+    if not any(r.temperature_tuning for r in args.layer_roles):
+        return None
+
+    def make(start: int, length: int) -> torch.Tensor:
+        return torch.from_numpy(temperature_scales(start, length, args.floor_scale, args.attn_scale))
+
+    return _GrowingTable(make, args.max_seq_len)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) of x [B, L, heads, d] by position; fp32 math."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, heads, d/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]  # each [B, L, heads, d/2]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [L, 1, d/2], broadcast over B and heads
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [B, L, heads, d/2, 2]
+    return rotate(x, torch.complex(cos, sin))
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x [B, L, heads, d] with pairs (x[2j], x[2j+1]) multiplied by complex `rotation` [L, d/2]; fp32 math."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, heads, d/2] complex
+    out = torch.view_as_real(pairs * rotation[:, None, :])  # [B, L, heads, d/2, 2]
     return out.flatten(-2).to(x.dtype)  # [B, L, heads, d]
 
 
-class Attention(nn.Module):
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence: q [B, 1, H, d], k/v [B, K, S, d] -> [B, 1, H*d].
+
+    Plain products (query heads grouped by their kv head, no copies of k/v) beat the fused CPU
+    kernel several times at one query; the softmax runs in float32 as the fused kernels' does.
+    """
+    B, _, H, d = q.shape
+    K = k.shape[1]
+    q = q.reshape(B, K, H // K, d)  # [B, 1, H, d] -> [B, K, G, d]: head h reads kv head h // G
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # [B, K, G, S]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, 1, H * d)  # [B, K, G, d] -> [B, 1, H*d]
+
+
+class Attention(FusedModule):
     def __init__(self, args: ModelArgs, role: LayerRole) -> None:
         super().__init__()
         D, d = args.dim, args.head_dim
@@ -53,40 +123,59 @@ class Attention(nn.Module):
         self.role = role
         self.norm_eps = args.norm_eps
         self.chunk = args.attention_chunk_size if role.chunked else None
-        self.floor_scale, self.attn_scale = args.floor_scale, args.attn_scale
         self.wq = nn.Linear(D, args.n_heads * d, bias=False)
         self.wk = nn.Linear(D, args.n_kv_heads * d, bias=False)
         self.wv = nn.Linear(D, args.n_kv_heads * d, bias=False)
         self.wo = nn.Linear(args.n_heads * d, D, bias=False)
+        self._qkv = FusedGroup([(self.wq, "weight"), (self.wk, "weight"), (self.wv, "weight")])
+        self._wo = FusedGroup([(self.wo, "weight")])
 
-    def _project(self, x: torch.Tensor, position: int,
-                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fused_groups(self) -> tuple[FusedGroup, ...]:
+        return self._qkv, self._wo
+
+    def _qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q|k heads [B, L, H+K, d] and v heads [B, L, K, d] from one product when fused."""
         B, L, _ = x.shape
-        q = self.wq(x).view(B, L, self.n_heads, -1)  # [B, L, H, d]
-        k = self.wk(x).view(B, L, self.n_kv_heads, -1)  # [B, L, K, d]
-        v = self.wv(x).view(B, L, self.n_kv_heads, -1)  # [B, L, K, d]
+        H, K = self.n_heads, self.n_kv_heads
+        w = self._qkv.weight()
+        if w is None:
+            qk = torch.cat([self.wq(x), self.wk(x)], dim=-1)  # [B, L, (H+K)*d]
+            return qk.view(B, L, H + K, -1), self.wv(x).view(B, L, K, -1)
+        qkv = linear(x, w).view(B, L, H + 2 * K, -1)  # [B, L, H+2K, d]
+        return qkv[:, :, : H + K], qkv[:, :, H + K :]
+
+    def _project(self, x: torch.Tensor, pos: Positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, L, H, d], k and v [B, L, K, d]; q and k rotated and normed together."""
+        qk, v = self._qkv_heads(x)
         if self.role.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = rotate(qk, pos.rope)
         if self.role.qk_norm:
-            q, k = rms_norm(q, self.norm_eps), rms_norm(k, self.norm_eps)
+            qk = rms_norm(qk, self.norm_eps)
+        q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
         if self.role.temperature_tuning:
-            scales = temperature_scales(position, L, self.floor_scale, self.attn_scale)
-            scales = torch.from_numpy(scales).to(x.device)[:, None, None]  # [L, 1, 1] over [B, L, H, d]
             # Scaled in float32 and cast back, as HF does (Meta's reference promotes q instead).
-            q = (q * scales).to(x.dtype)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, d]
+            q = (q * pos.temps).to(x.dtype)  # temps [L, 1, 1] over [B, L, H, d]
+        return q, k, v
 
-    def forward(self, x: torch.Tensor, position: int, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | ChunkedKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | ChunkedKVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """[B, L, D] -> [B, L, D]; with `last_only`, keys and values of every position still reach
+        the cache but only the last position attends: [B, 1, D]."""
         B, L, _ = x.shape
-        q, k, v = self._project(x, position, rope)
-        k_start = position
+        q, k, v = self._project(x, pos)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, L, d]
+        k_start, q_start = pos.start, pos.start
         if cache is not None:
             k, v, k_start = cache.update_and_fetch(k, v)  # [B, K, S, d]
-        mask = None
-        if L > 1:
-            mask = to_device_mask(attention_mask(position, L, k_start, k.shape[2], self.chunk), x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)  # [B, H, L, d]
-        return self.wo(out.transpose(1, 2).reshape(B, L, -1))  # [B, H, L, d] -> [B, L, H*d]
-
+        if last_only and L > 1:
+            q, q_start, L = q[:, -1:], q_start + L - 1, 1  # [B, 1, H, d]
+        S = k.shape[2]
+        if L == 1 and (self.chunk is None or k_start // self.chunk == q_start // self.chunk):
+            out = decode_attention(q, k, v, self.head_dim**-0.5)  # every key visible: [B, 1, H*d]
+        else:
+            mask = pos.mask(q_start, L, k_start, S, self.chunk)  # [L, S]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.head_dim**-0.5,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)  # [B, H, L, d]
+            out = out.transpose(1, 2).reshape(B, L, -1)  # [B, H, L, d] -> [B, L, H*d]
+        w = self._wo.weight()
+        return self.wo(out) if w is None else linear(out, w)

@@ -43,6 +43,12 @@ class KVCache:
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end], 0  # views [B, K, S, d]
 
+    def rewind(self, n: int) -> None:
+        """Forget the last `n` positions (their slots are overwritten by the next update)."""
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"KVCache.rewind: n must be in [0, {self.offset}], got {n}")
+        self.offset -= n
+
     def _grow(self, keys: torch.Tensor, values: torch.Tensor, end: int) -> None:
         # Whole steps, so a decode loop reallocates once per `step` tokens, not per token.
         size = -(-end // self.step) * self.step
@@ -101,6 +107,18 @@ class ChunkedKVCache:
         self.values[:, :, :n] = values[:, :, L - n :]
         self.offset = end
         return keys_out, values_out, k_start
+
+    def rewind(self, n: int) -> None:
+        """Forget the last `n` positions. The ring keeps one chunk, so this works while they lie in the
+        chunk of the new offset (always for n = 1: a new chunk's first slot is the only one overwritten)."""
+        C, new = self.chunk_size, self.offset - n
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"ChunkedKVCache.rewind: n must be in [0, {self.offset}], got {n}")
+        # Positions chunk_start(new) .. new-1 must still be in their slots: nothing written since
+        # may belong to the next chunk, whose positions reuse those slots.
+        if new % C and self.offset - 1 >= chunk_start(new, C) + C:
+            raise ValueError(f"ChunkedKVCache.rewind: cannot forget {n} of {self.offset} positions across a chunk")
+        self.offset = new
 
     @property
     def nbytes(self) -> int:

@@ -87,7 +87,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
             chunk = ids[:, start:start + prefill_step_size]
             image = _image_rows(table, images, start, chunk.shape[1])
             inp = TransformerInput(tokens=chunk, tokens_position=position, image_embedding=image)
-            logits = model(inp, cache=cache).logits
+            logits = model(inp, cache=cache, last_only=True).logits  # [1, 1, V]: a prefill needs no more
             position += chunk.shape[1]
         token = sample(logits[:, -1], sampling, gen)
     while True:

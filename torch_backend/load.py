@@ -1,15 +1,18 @@
 """Loading models and tokenizers from Meta native, Hugging Face and MLX folders into torch.
 
-Weights stay memory-mapped at their source; each canonical tensor is produced, converted to the
-target dtype and device, and placed into a model built on the meta device, so the weights exist
-once in memory. MLX quantized folders are dequantized into that dtype as they load
-(`torch_backend.quantize`): the same numbers, the memory of the float model.
+Tensors are read one at a time (safetensors with plain reads, Meta `.pth` memory-mapped); each
+canonical tensor is produced, then copied (converted to the target dtype and device) into the
+model's preallocated storage, so the weights exist once in memory. MLX quantized folders are
+dequantized into that dtype as they load (`torch_backend.quantize`): the same numbers, the memory
+of the float model.
 """
 
 from __future__ import annotations
 
 import codecs
 import io
+import json
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,25 +29,43 @@ from torch_backend.device import pick_device, resolve_dtype
 from torch_backend.model import Transformer
 from torch_backend.quantize import dequantized
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "U32": torch.uint32, "BOOL": torch.bool}
+
 
 class _SafetensorsMapping(Mapping):
-    """Tensor name -> tensor of one or more safetensors files, read on access (mmap underneath)."""
+    """Tensor name -> tensor of one or more safetensors files, read on access.
+
+    Plain reads rather than a memory map: pages of a map count as this process's memory for as
+    long as it is mapped, so copying a mapped checkpoint into the model would show it twice.
+    """
 
     def __init__(self, paths: tuple[Path, ...]) -> None:
-        from safetensors import safe_open
-
-        self._where: dict[str, Any] = {}
+        self._where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         for path in paths:
             check_safetensors(path)
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise ModelFolderError(f"{path}: cannot open safetensors file ({e})") from e
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                self._where[key] = handle
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                if entry.get("dtype") not in _ST_DTYPES:
+                    raise ModelFolderError(f"{path}: {key} has dtype {entry.get('dtype')!r}, which torch cannot read")
+                self._where[key] = (path, 8 + n, entry)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        path, data_start, entry = self._where[key]
+        lo, hi = entry["data_offsets"]
+        dtype, shape = _ST_DTYPES[entry["dtype"]], entry["shape"]
+        if hi == lo:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(hi - lo)
+        with open(path, "rb") as f:
+            f.seek(data_start + lo)
+            if f.readinto(buf) != len(buf):
+                raise ModelFolderError(f"{path}: truncated while reading {key}")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def __iter__(self):
         return iter(self._where)
@@ -94,12 +115,20 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     weights = dequantized(weights, args, target_dtype)  # MLX quantized tensors, expanded on load
     with torch.device("meta"):
         model = Transformer(args)
-    state = {}
+    # Allocate the final (fused) storage once, then copy each tensor into place as it is read, so
+    # the weights exist once in memory.
+    model = model.to(dtype=target_dtype).to_empty(device=target_device).requires_grad_(False)
+    targets = model.state_dict(keep_vars=True)
     items = checked_items(weights, args)
-    for name, tensor in progress(items, total=len(model.state_dict()), enabled=show_progress, desc="loading"):
-        state[name] = tensor.to(device=target_device, dtype=target_dtype).contiguous()
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)  # inference only: no autograd graphs
+    with torch.no_grad():
+        for name, tensor in progress(items, total=len(targets), enabled=show_progress, desc="loading"):
+            target = targets.pop(name, None)
+            if target is None:
+                raise ModelFolderError(f"{path}: {name} is not a parameter of this model")
+            target.copy_(tensor)  # converts dtype and device on the way
+    if targets:  # checked_items already checked the names: a model / checkpoint mismatch
+        raise ModelFolderError(f"{path}: no weights for {', '.join(sorted(targets)[:5])}")
+    return model.eval()  # inference only: no autograd graphs
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

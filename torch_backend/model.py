@@ -6,12 +6,14 @@ Shapes: B batch, L query length, D model dim, V vocabulary.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.args import LayerRole, ModelArgs
 from common.datatypes import MaskedEmbedding, TransformerInput, TransformerOutput
-from torch_backend.attention import Attention, RotaryTable, rms_norm
+from torch_backend.attention import Attention, Positions, RotaryTable, rms_norm, temperature_table
 from torch_backend.cache import ChunkedKVCache, KVCache
+from torch_backend.fused import FusedGroup, FusedModule, linear, refresh_fused
 from torch_backend.moe import FeedForward, MoE
 from torch_backend.vision import VisionEmbeddings
 
@@ -27,6 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same order, in one call
         return rms_norm(x, self.eps) * self.weight
 
 
@@ -38,13 +42,20 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoE(args) if role.moe else FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, position: int, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: Cache | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), position, rope, cache)
+    def forward(self, x: torch.Tensor, pos: Positions, cache: Cache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """[B, L, D] -> [B, L, D], or [B, 1, D] for the last position alone (the cache gets all)."""
+        h = (x[:, -1:] if last_only else x) + self.attention(self.attention_norm(x), pos, cache, last_only)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(FusedModule):
+    """The text model (and the vision encoder when `args` has one).
+
+    Projections are stored fused and input-major (`torch_backend.fused`); a load hook rebuilds
+    that storage after `load_state_dict(..., assign=True)` replaced the parameters.
+    """
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
@@ -53,9 +64,15 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryTable(args)
+        self.temperatures = temperature_table(args)
+        self._output = FusedGroup([(self.output, "weight")])
+        self.register_load_state_dict_post_hook(lambda model, _: refresh_fused(model))
         if args.vision_args is not None:
             self.vision_embeddings = VisionEmbeddings(args.vision_args)
             self.vision_projection = nn.Linear(args.vision_args.output_dim, args.dim, bias=False)
+
+    def fused_groups(self) -> tuple[FusedGroup, ...]:
+        return (self._output,)
 
     def make_cache(self, batch_size: int = 1) -> list[Cache]:
         """One cache per layer: a chunk ring for chunked RoPE layers, a growing cache otherwise."""
@@ -63,16 +80,23 @@ class Transformer(nn.Module):
         return [ChunkedKVCache(chunk, batch_size) if role.chunked else KVCache(batch_size)
                 for role in self.args.layer_roles]
 
-    def forward(self, inputs: TransformerInput, cache: list[Cache] | None = None) -> TransformerOutput:
+    def forward(self, inputs: TransformerInput, cache: list[Cache] | None = None,
+                last_only: bool = False) -> TransformerOutput:
+        """Logits [B, L, V] float32; `last_only` computes the last position's alone ([B, 1, V]),
+        all a prefill needs."""
         tokens, position = inputs.tokens, inputs.tokens_position
         self._check(tokens, position, cache)
         h = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))  # [B, L, D]
         if inputs.image_embedding is not None:
             h = self._merge_image(h, inputs.image_embedding)
-        rope = self.rope(position, tokens.shape[1], h.device)
+        pos = Positions(self.args, self.rope, self.temperatures, position, tokens.shape[1], h.device)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer(h, position, rope, None if cache is None else cache[i])
-        return TransformerOutput(logits=self.output(self.norm(h)).float())  # [B, L, V]
+            # With last_only, the final layer runs its attention output and feed-forward for one position.
+            h = layer(h, pos, None if cache is None else cache[i], last_only and i == last)
+        h = self.norm(h)
+        w = self._output.weight()
+        return TransformerOutput(logits=(self.output(h) if w is None else linear(h, w)).float())  # [B, L, V]
 
     def _merge_image(self, h: torch.Tensor, image: MaskedEmbedding) -> torch.Tensor:
         """Token embeddings with the projected image features at the masked (`<|patch|>`) rows."""

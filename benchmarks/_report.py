@@ -1,0 +1,58 @@
+"""The benchmark result as markdown tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def runs_table(result: dict[str, Any]) -> str:
+    rows = []
+    for r in result["runs"]:
+        if "error" in r:
+            rows.append([r["impl"], r["backend"], r["dtype"], "failed: " + r["error"][:80], *[None] * 5])
+            continue
+        frac = r.get("roofline_fraction")
+        rows.append([r["impl"], r["backend"], r["dtype"], r["load_s"], r["prefill_tps"], r["decode_tps"],
+                     r.get("peak_mlx_gb", r["peak_rss_gb"]), r["peak_rss_gb"],
+                     None if frac is None else f"{100 * frac:.0f}%"])
+    return _table(["impl", "backend", "dtype", "load s", "prefill tok/s", "decode tok/s", "peak GB",
+                   "peak RSS GB", "roofline"], rows)
+
+
+def ratios_table(result: dict[str, Any]) -> str:
+    rows = [[r["backend"], r["dtype"], r["peer"], r.get("prefill_ratio"), r.get("decode_ratio"),
+             r.get("load_ratio"), r.get("greedy_tokens_equal", r.get("peer_error"))] for r in result["ratios"]]
+    return _table(["backend", "dtype", "peer", "prefill ours/peer", "decode ours/peer", "load peer/ours",
+                   "greedy tokens equal"], rows)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    parts = [f"**{result['model']}** ({result['parameters'] / 1e6:.1f}M parameters), prompt {s['prompt_tokens']}, "
+             f"{s['gen_tokens']} tokens, median of {s['trials']}", runs_table(result), ratios_table(result)]
+    bw = result.get("membw", {})
+    if "roofline_gbps" in bw:
+        parts.append(f"memory bandwidth (roofline): {bw['roofline_gbps']} GB/s")
+    for kv in result.get("kv_memory", []):
+        if "fraction" in kv:
+            parts.append(f"KV memory ({kv['backend']}), context {kv['context']} = {kv['context'] // kv['chunk']} "
+                         f"chunks, {kv['nope_layers']} of {kv['layers']} layers NoPE: {100 * kv['fraction']:.1f}% "
+                         f"of a cache keeping every position")
+    moe = result.get("moe_scaling", {})
+    for key, v in moe.items():
+        if key.endswith("_time_ratio"):
+            parts.append(f"MoE decode time, {moe['experts'][1]} vs {moe['experts'][0]} experts of equal active "
+                         f"size ({key.split('_')[0]}): {v}x")
+    return "\n\n".join(parts)

@@ -1,0 +1,207 @@
+"""Generation speed of both backends against mlx-lm and transformers on the same weights; prints JSON
+(stdout) and a markdown table (stderr).
+
+    python -m benchmarks.bench_generate [--size tiny|small|medium | --model PATH] [--backends mlx,torch]
+        [--dtypes float32,bfloat16,q8,q4] [--trials 3] [--prompt-tokens 512] [--gen-tokens 128]
+        [--no-peers] [--extras kv,moe,membw] [--json FILE]
+
+For each backend and dtype: load time, prefill tokens/s (time to the first token of a
+`--prompt-tokens` prompt), decode tokens/s (the next `--gen-tokens` - 1 greedy tokens), peak
+memory; each in a fresh process (so peak memory is its own), one warm-up, then the median of
+`--trials`. Right after each of ours, the same folder through its peer when installed: mlx-lm
+(`mlx_lm.load` + `stream_generate`; q8/q4 folders come from `apps.convert`, which mlx-lm reads)
+for MLX, transformers (`Llama4ForCausalLM.from_pretrained` + greedy `generate` with its cache)
+for torch. A peer that fails (mlx-lm's bfloat16 Llama 4 on a Linux CPU) is recorded, not fatal.
+
+Extras: `membw` (this machine's bandwidth, see benchmarks/membw.py) gives each run's fraction of
+the decode roofline; `kv` compares the caches' memory at a context of 16 chunks with a cache that
+keeps every position in every layer; `moe` decodes models of equal active size with 8 and 64
+experts. Without `--model`, a synthetic float32 model of `--size` is written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks._roofline import decode_bytes
+from benchmarks._synthetic import SIZES, parameter_count, synthetic_args, write_model
+from common.args import ModelArgs, QuantizationArgs
+from common.files import find_checkpoint, read_args
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"torch": ("float32", "bfloat16"), "mlx": ("float32", "bfloat16", "q8", "q4")}
+PEERS = {"torch": "transformers", "mlx": "mlx_lm"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_generate", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--size", choices=list(SIZES), default="small", help="synthetic model size")
+    src.add_argument("--model", default=None, help="an unquantized model folder instead of a synthetic one")
+    p.add_argument("--backends", default="torch,mlx")
+    p.add_argument("--dtypes", default="float32,bfloat16,q8,q4", help="q8/q4: MLX only (apps.convert folders)")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in every process (0: torch's default)")
+    p.add_argument("--no-peers", action="store_true", help="skip mlx-lm and transformers")
+    p.add_argument("--extras", default="kv,moe,membw", help="any of kv, moe, membw; empty for none")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
+    p.add_argument("--json", default=None, help="also write the JSON to this file")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def run_child(task: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one task in a fresh interpreter; its JSON result, or {"error": ...} if it failed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "benchmarks.bench_generate", "--child", json.dumps(task)]
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if out.returncode != 0:
+        lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+        return {"error": lines[-1][-400:] if lines else f"exit code {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_main(task: dict[str, Any]) -> dict[str, Any]:
+    if task.get("kind") == "kv":
+        from benchmarks._extras import kv_memory
+
+        return kv_memory(task["backend"])
+    from benchmarks._runners import run_variant
+
+    return run_variant(task)
+
+
+def _folders(src: Path, work: Path, runs: list[tuple[str, str, str]]) -> dict[tuple[str, str], Path]:
+    """(backend, dtype) -> folder: torch reads the source; MLX reads `apps.convert` output (float32,
+    or q8/q4), the layout mlx-lm writes and reads best (row-major [E, out, in] experts)."""
+    from apps.convert import convert
+
+    out: dict[tuple[str, str], Path] = {}
+    for _, backend, dtype in runs:
+        if backend == "torch":
+            out[backend, dtype] = src
+        elif (backend, dtype) not in out:
+            quant = QuantizationArgs(group_size=64, bits=int(dtype[1:])) if dtype.startswith("q") else None
+            name = dtype if quant else "mlx-float32"
+            folder = work / name
+            out[backend, dtype] = folder if folder.exists() else convert(src, folder, quant, dtype="float32")
+    return out
+
+
+def plan(backends: list[str], dtypes: list[str], peers: bool) -> list[tuple[str, str, str]]:
+    """(impl, backend, dtype) in run order: each of ours, then its peer on the same folder."""
+    out = []
+    for backend in backends:
+        for dtype in (d for d in DTYPES[backend] if d in dtypes):
+            out.append(("ours", backend, dtype))
+            if peers and _installed(PEERS[backend]):
+                out.append((PEERS[backend], backend, dtype))
+    return out
+
+
+def _with_roofline(result: dict[str, Any], args: ModelArgs, dtype: str, impl: str, opts: argparse.Namespace,
+                   bandwidth: float | None) -> dict[str, Any]:
+    if "decode_tps" not in result or not bandwidth:
+        return result
+    # transformers multiplies every expert for every token; its roofline counts what it reads.
+    nbytes = decode_bytes(args, dtype, opts.prompt_tokens, opts.gen_tokens, all_experts=impl == "transformers")
+    roof = bandwidth * 1e9 / nbytes
+    return result | {"decode_bytes_per_token": int(nbytes), "roofline_tps": round(roof, 2),
+                     "roofline_fraction": round(result["decode_tps"] / roof, 3)}
+
+
+def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ours / peer for each (backend, dtype) both ran."""
+    out = []
+    for ours in (r for r in runs if r["impl"] == "ours"):
+        peer = next((r for r in runs if r["impl"] == PEERS[ours["backend"]] and r["backend"] == ours["backend"]
+                     and r["dtype"] == ours["dtype"]), None)
+        row = {"backend": ours["backend"], "dtype": ours["dtype"], "peer": PEERS[ours["backend"]]}
+        if peer is None or "error" in peer or "error" in ours:
+            out.append(row | {"peer_error": (peer or {}).get("error", "not run")})
+            continue
+        same = sum(1 for _ in zip(ours["tokens"], peer["tokens"], strict=False) if _[0] == _[1])
+        out.append(row | {"prefill_ratio": round(ours["prefill_tps"] / peer["prefill_tps"], 2),
+                          "decode_ratio": round(ours["decode_tps"] / peer["decode_tps"], 2),
+                          "load_ratio": round(peer["load_s"] / max(ours["load_s"], 1e-9), 2),
+                          "greedy_tokens_equal": f"{same}/{len(ours['tokens'])}"})
+    return out
+
+
+def run(opts: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks._extras import kv_extra, membw_extra, moe_extra
+
+    backends = [b for b in opts.backends.split(",") if b and _installed("mlx" if b == "mlx" else "torch")]
+    dtypes = [d for d in opts.dtypes.split(",") if d]
+    extras = {e for e in opts.extras.split(",") if e}
+    work = Path(tempfile.mkdtemp(prefix="bench_generate-"))
+    try:
+        src = Path(opts.model) if opts.model else write_model(work / "float32", synthetic_args(opts.size))
+        args = read_args(find_checkpoint(src))
+        result: dict[str, Any] = {"model": opts.model or f"synthetic {opts.size}",
+                                  "parameters": parameter_count(args), "settings": _settings(opts)}
+        if "membw" in extras:
+            result["membw"] = membw_extra()
+        bandwidth = result.get("membw", {}).get("roofline_gbps")
+        order = plan(backends, dtypes, not opts.no_peers)
+        folders = _folders(src, work, order)
+        runs = []
+        for impl, backend, dtype in order:
+            task = {"impl": impl, "backend": backend, "dtype": dtype, "path": str(folders[backend, dtype]),
+                    "vocab_size": args.vocab_size, **_settings(opts)}
+            print(f"running {impl} {backend} {dtype} ...", file=sys.stderr, flush=True)
+            res = run_child(task, opts.timeout)
+            runs.append({"impl": impl, "backend": backend, "dtype": dtype}
+                        | _with_roofline(res, args, dtype, impl, opts, bandwidth))
+        result["runs"], result["ratios"] = runs, ratios(runs)
+        if "kv" in extras:
+            result["kv_memory"] = kv_extra(backends, opts.timeout)
+        if "moe" in extras:
+            result["moe_scaling"] = moe_extra(opts, backends, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _settings(opts: argparse.Namespace) -> dict[str, int]:
+    return {"prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "trials": opts.trials,
+            "threads": opts.threads}
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    if opts.child:
+        print(json.dumps(child_main(json.loads(opts.child))))
+        return 0
+    from benchmarks._report import markdown
+
+    result = run(opts)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if opts.json:
+        Path(opts.json).write_text(text + "\n")
+    print(markdown(result), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""The speed paths give the numbers of the plain ones: fused projections (and their fallbacks),
+last-position logits, cache rewinds, per-slot experts and generation that runs one step ahead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from backends import MlxBackend, TorchBackend, available
+from tiny import CONFIGS, random_weights
+
+from common.datatypes import TransformerInput
+
+ARGS = CONFIGS["dense_moe"]  # dense and MoE layers, a NoPE layer, chunks of 8
+WEIGHTS = random_weights(ARGS, seed=3)
+TOKENS = np.random.default_rng(4).integers(0, ARGS.vocab_size, size=(2, 26))
+
+
+def _logits(backend, model, tokens: np.ndarray, position: int = 0, cache=None, **kw) -> np.ndarray:
+    if backend.name == "torch":
+        import torch
+
+        with torch.inference_mode():
+            out = model(TransformerInput(tokens=torch.from_numpy(tokens.astype(np.int64)), tokens_position=position),
+                        cache=cache, **kw)
+        return out.logits.numpy()
+    import mlx.core as mx
+
+    out = model(TransformerInput(tokens=mx.array(tokens.astype(np.int32)), tokens_position=position), cache=cache, **kw)
+    return np.array(out.logits)
+
+
+def test_last_only_is_the_last_row(backend) -> None:
+    model = backend.build(ARGS, WEIGHTS)
+    full = _logits(backend, model, TOKENS)
+    np.testing.assert_allclose(_logits(backend, model, TOKENS, last_only=True), full[:, -1:], atol=1e-5, rtol=0)
+    cache = model.make_cache(2)  # a cached prefill whose keys span several chunks
+    _logits(backend, model, TOKENS[:, :5], 0, cache)
+    np.testing.assert_allclose(_logits(backend, model, TOKENS[:, 5:], 5, cache, last_only=True), full[:, -1:],
+                               atol=1e-5, rtol=0)
+    assert cache[0].offset == TOKENS.shape[1]
+    np.testing.assert_allclose(_logits(backend, model, TOKENS[:, :1], TOKENS.shape[1], cache)[:, 0],
+                               _logits(backend, model, np.concatenate([TOKENS, TOKENS[:, :1]], 1))[:, -1],
+                               atol=1e-5, rtol=0)  # and the cache holds every position
+
+
+def test_rewound_cache_repeats_the_step(backend) -> None:
+    model = backend.build(ARGS, WEIGHTS)
+    cache = model.make_cache(2)
+    for end in (11, 15, 24):  # the token at: inside a chunk, a chunk's last and a new chunk's first position
+        start = cache[0].offset
+        _logits(backend, model, TOKENS[:, start:end], start, cache)
+        first = _logits(backend, model, TOKENS[:, end : end + 1], end, cache)
+        for c in cache:
+            c.rewind(1)
+        assert cache[0].offset == end
+        np.testing.assert_array_equal(_logits(backend, model, TOKENS[:, end : end + 1], end, cache), first)
+
+
+def test_chunk_ring_refuses_to_rewind_across_a_chunk(backend) -> None:
+    model = backend.build(ARGS, WEIGHTS)
+    cache = model.make_cache(2)
+    _logits(backend, model, TOKENS[:, :17], 0, cache)  # positions 0..16; 16 starts a new chunk of 8
+    ring = next(c for c in cache if hasattr(c, "chunk_size"))
+    with pytest.raises(ValueError, match="across a chunk"):
+        ring.rewind(2)  # position 15's slot 7 still holds it, but slot 0 now holds 16, not 8
+    ring.rewind(1)
+    assert ring.offset == 16
+
+
+def test_generation_running_ahead_leaves_the_cache_at_the_last_taken_token(backend) -> None:
+    module = __import__(f"{'mlx_llm' if backend.name == 'mlx' else 'torch_backend'}.generate", fromlist=["x"])
+    model = backend.build(ARGS, WEIGHTS)
+    prompt = TOKENS[0, :9].tolist()
+    cache = model.make_cache(1)
+    steps = module.generate_step(model, prompt, cache=cache)
+    first = [next(steps) for _ in range(5)]
+    steps.close()
+    assert cache[0].offset == len(prompt) + 4  # the last token taken is not in the cache yet
+    more = module.generate_step(model, first[-1:], cache=cache)
+    rest = [next(more) for _ in range(4)]
+    more.close()
+    one_shot = module.generate_step(model, prompt)
+    assert [next(one_shot) for _ in range(9)] == first + rest
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+def test_torch_fused_and_per_parameter_paths_agree() -> None:
+    import torch
+
+    model = TorchBackend().build(ARGS, WEIGHTS)
+    tokens = torch.from_numpy(TOKENS.astype(np.int64))
+    with torch.no_grad():  # the fused storage
+        assert model.layers[0].attention._qkv.weight() is not None
+        fused = model(TransformerInput(tokens=tokens)).logits
+    with torch.enable_grad():  # autograd on: each canonical parameter on its own
+        assert model.layers[0].attention._qkv.weight() is None
+        plain = model(TransformerInput(tokens=tokens)).logits.detach()
+    np.testing.assert_allclose(fused.numpy(), plain.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+def test_torch_fused_storage_follows_dtype_changes_and_assigning_loads() -> None:
+    import torch
+
+    from torch_backend.model import Transformer
+
+    model = TorchBackend().build(ARGS, WEIGHTS)
+    wk = model.layers[0].attention.wk.weight
+    model = model.to(torch.bfloat16)
+    assert model.layers[0].attention.wk.weight is wk  # the same Parameter, now a view of new storage
+    state = model.state_dict()
+    assert set(state) == set(WEIGHTS) and all(tuple(state[k].shape) == v.shape for k, v in WEIGHTS.items())
+    wq = torch.from_numpy(WEIGHTS["layers.0.attention.wq.weight"]).bfloat16()
+    torch.testing.assert_close(state["layers.0.attention.wq.weight"], wq, atol=0, rtol=0)
+    with torch.no_grad():
+        assert model.layers[0].attention._qkv.weight().dtype == torch.bfloat16  # rebuilt by .to()
+    with torch.device("meta"):
+        fresh = Transformer(ARGS)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in WEIGHTS.items()}, strict=True, assign=True)
+    with torch.no_grad():
+        assert fresh.layers[1].feed_forward.experts._gate_value.weight() is not None  # rebuilt after assign
+        torch.testing.assert_close(fresh.layers[1].feed_forward.experts.w_value,
+                                   torch.from_numpy(WEIGHTS["layers.1.feed_forward.experts.w_value"]))
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+def test_torch_per_slot_gathered_and_sorted_experts_agree() -> None:
+    import torch
+
+    experts = TorchBackend().build(ARGS, WEIGHTS).layers[1].feed_forward.experts
+    x = torch.from_numpy(np.random.default_rng(6).standard_normal((3, ARGS.dim)).astype(np.float32))
+    ids = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        per_slot = experts(x, ids)  # CPU: each slot reads its expert in place
+        gathered = experts._expert(x[:, None, :], ids)[:, 0, :]  # the accelerator path
+        sorted_ = experts._sorted(x, ids)
+    torch.testing.assert_close(per_slot, gathered, atol=1e-6, rtol=0)
+    torch.testing.assert_close(per_slot, sorted_, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif("mlx" not in available(), reason="mlx is not installed")
+def test_mlx_fused_and_separate_projections_agree() -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    b = MlxBackend()
+    model = b.build(ARGS, WEIGHTS)
+    plain = b.forward(model, TOKENS)
+    model.fuse()
+    assert model.layers[1].feed_forward.experts._gate_value.current() is not None
+    np.testing.assert_allclose(b.forward(model, TOKENS), plain, atol=1e-5, rtol=0)
+    params = dict(tree_flatten(model.parameters()))
+    np.testing.assert_array_equal(np.array(params["layers.0.attention.wk.weight"]),
+                                  WEIGHTS["layers.0.attention.wk.weight"])
+    model.load_weights([(k, v * 1) for k, v in params.items()])  # new arrays: the fused copy is stale
+    mx.eval(model.parameters())
+    assert model.layers[0].attention._qkv.current() is None
+    np.testing.assert_allclose(b.forward(model, TOKENS), plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif("mlx" not in available(), reason="mlx is not installed")
+def test_mlx_fused_quantized_layers_agree(tmp_path: Path) -> None:
+    import mlx.core as mx
+    from folders import write_hf
+    from mlx.utils import tree_flatten
+
+    from apps.convert import convert
+    from common.args import QuantizationArgs
+    from mlx_llm import load_model
+
+    out = convert(write_hf(tmp_path / "src", ARGS, WEIGHTS), tmp_path / "q4", QuantizationArgs(group_size=32, bits=4))
+    model = load_model(out)  # fused on load
+    assert model.layers[0].attention._qkv.current() is not None
+    fused = MlxBackend().forward(model, TOKENS)
+    model.load_weights([(k, v * 1 if v.dtype != mx.uint32 else v + 0) for k, v in
+                        tree_flatten(model.parameters())])
+    assert model.layers[0].attention._qkv.current() is None
+    np.testing.assert_allclose(MlxBackend().forward(model, TOKENS), fused, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif("mlx" not in available(), reason="mlx is not installed")
+@pytest.mark.parametrize("bits", [None, 4])
+def test_mlx_products_split_over_cpu_streams_equal_whole_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 bits: int | None) -> None:
+    from folders import write_hf
+
+    import mlx_llm.parallel as parallel
+    from apps.convert import convert
+    from common.args import QuantizationArgs
+    from mlx_llm import load_model
+
+    src = write_hf(tmp_path / "src", ARGS, WEIGHTS)
+    model = load_model(src if bits is None else convert(src, tmp_path / "q", QuantizationArgs(32, bits)))
+    monkeypatch.setattr(parallel, "cpu_streams", lambda: ())
+    whole = MlxBackend().forward(model, TOKENS)
+    monkeypatch.setattr(parallel, "cpu_streams", lambda: parallel._streams(3))  # 3 parts, uneven splits
+    monkeypatch.setattr(parallel, "MIN_WORK", 0)
+    np.testing.assert_allclose(MlxBackend().forward(model, TOKENS), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+def test_torch_products_split_over_threads_equal_whole_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import torch_backend.fused as fused
+
+    b = TorchBackend()
+    model = b.build(ARGS, WEIGHTS)
+
+    def decode() -> np.ndarray:
+        cache = model.make_cache(2)
+        b.forward(model, TOKENS[:, :6], 0, cache)
+        return np.concatenate([b.forward(model, TOKENS[:, p : p + 1], p, cache) for p in range(6, 12)], axis=1)
+
+    whole = decode()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(fused, "SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(fused, "SPLIT_MIN_INPUTS", 16)
+    torch.set_num_threads(4)  # 4 parts of the inputs
+    try:
+        split = decode()
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(split, whole, atol=1e-5, rtol=0)
