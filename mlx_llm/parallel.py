@@ -26,6 +26,9 @@ MIN_WORK = 1 << 18  # multiply-adds below which a stream's scheduling costs more
 MAX_STREAMS = 8
 
 
+CORES = 1 if sys.platform == "darwin" else min(os.cpu_count() or 1, MAX_STREAMS)
+
+
 @cache
 def _streams(cores: int) -> tuple[Any, ...]:
     return (mx.default_stream(mx.cpu), *(mx.new_stream(mx.cpu) for _ in range(cores - 1)))
@@ -33,10 +36,9 @@ def _streams(cores: int) -> tuple[Any, ...]:
 
 def cpu_streams() -> tuple[Any, ...]:
     """One stream per core when products run on a Linux CPU; () when they should run whole."""
-    cores = min(os.cpu_count() or 1, MAX_STREAMS)
-    if cores < 2 or sys.platform == "darwin" or mx.default_device() != mx.cpu:
+    if CORES < 2 or mx.default_device() != mx.cpu:
         return ()
-    return _streams(cores)
+    return _streams(CORES)
 
 
 def split_outputs(part: Callable[[int, int], mx.array], rows: int, work: int) -> mx.array:

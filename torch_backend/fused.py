@@ -50,18 +50,25 @@ class FusedGroup:
 
     def refresh(self) -> None:
         """Re-point every member into fresh storage holding its current values (no-op if they are)."""
-        if self._is_current():
-            return
+        if not self._is_current():
+            first = self._params()[0]
+            self._place(first.device, first.dtype, copy=True)
+
+    def allocate(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Re-point every member into fresh, uninitialised storage (for loading into)."""
+        self._place(device, dtype, copy=False)
+
+    def _place(self, device: torch.device, dtype: torch.dtype, copy: bool) -> None:
         params = self._params()
-        first = params[0]
-        size = (*first.shape[:-2], first.shape[-1], sum(p.shape[-2] for p in params))  # [..., I, sum O]
-        storage = torch.empty(size, dtype=first.dtype, device=first.device)
+        size = (*params[0].shape[:-2], params[0].shape[-1], sum(p.shape[-2] for p in params))  # [..., I, sum O]
+        storage = torch.empty(size, dtype=dtype, device=device)
         start = 0
         with torch.no_grad():
             for (module, name), p in zip(self.members, params, strict=True):
                 view = storage[..., start : start + p.shape[-2]].transpose(-1, -2)  # [..., O, I]
-                view.copy_(p)
-                if isinstance(p, nn.Parameter):
+                if copy:
+                    view.copy_(p)
+                if isinstance(p, nn.Parameter) and p.device == device:
                     p.data = view  # the same Parameter object: optimizers and hooks keep working
                 else:
                     setattr(module, name, nn.Parameter(view, requires_grad=p.requires_grad))
@@ -90,6 +97,22 @@ class FusedModule(nn.Module):
         for group in self.fused_groups():
             group.refresh()
         return self
+
+
+def allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Uninitialised `dtype` storage on `device` for a model built on the meta device: one block
+    per fused group (its members become views), an empty tensor for every other parameter."""
+    for m in model.modules():
+        for group in m.fused_groups() if isinstance(m, FusedModule) else ():
+            group.allocate(device, dtype)
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, device=device, dtype=dtype),
+                                                   requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty_like(b, device=device)
 
 
 def refresh_fused(model: nn.Module) -> None:

@@ -1,7 +1,7 @@
 """Loading models and tokenizers from Meta native, Hugging Face and MLX folders into torch.
 
-Tensors are read one at a time (safetensors with plain reads, Meta `.pth` memory-mapped); each
-canonical tensor is produced, then copied (converted to the target dtype and device) into the
+Tensors are read one at a time from memory-mapped files; each canonical tensor is produced, then
+copied (converted to the target dtype and device) into the
 model's preallocated storage, so the weights exist once in memory. MLX quantized folders are
 dequantized into that dtype as they load (`torch_backend.quantize`): the same numbers, the memory
 of the float model.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import mmap
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from common.progress import progress
 from common.tokenizer import Tokenizer, load_tokenizer_files
 from common.vision_checkpoint import without_absent_vision
 from torch_backend.device import pick_device, resolve_dtype
+from torch_backend.fused import allocate
 from torch_backend.model import Transformer
 from torch_backend.quantize import dequantized
 
@@ -35,37 +37,47 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 class _SafetensorsMapping(Mapping):
-    """Tensor name -> tensor of one or more safetensors files, read on access.
+    """Tensor name -> tensor of one or more safetensors files, memory-mapped, read on access.
 
-    Plain reads rather than a memory map: pages of a map count as this process's memory for as
-    long as it is mapped, so copying a mapped checkpoint into the model would show it twice.
+    Mapped pages count as this process's memory while they stay in its page tables, so the pages
+    of the tensor read before are handed back (madvise DONTNEED) when the next is asked for: the
+    checkpoint is not counted a second time beside the model it is copied into. The maps are
+    private (copy-on-write), so a consumer writing into a tensor can never reach the file.
     """
 
     def __init__(self, paths: tuple[Path, ...]) -> None:
-        self._where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        self._where: dict[str, tuple[mmap.mmap, int, dict[str, Any]]] = {}
+        self._last: tuple[str, torch.Tensor, mmap.mmap, int, int] | None = None
         for path in paths:
             check_safetensors(path)
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             header.pop("__metadata__", None)
             for key, entry in header.items():
                 if entry.get("dtype") not in _ST_DTYPES:
                     raise ModelFolderError(f"{path}: {key} has dtype {entry.get('dtype')!r}, which torch cannot read")
-                self._where[key] = (path, 8 + n, entry)
+                self._where[key] = (mapped, 8 + n, entry)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        path, data_start, entry = self._where[key]
-        lo, hi = entry["data_offsets"]
-        dtype, shape = _ST_DTYPES[entry["dtype"]], entry["shape"]
-        if hi == lo:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(hi - lo)
-        with open(path, "rb") as f:
-            f.seek(data_start + lo)
-            if f.readinto(buf) != len(buf):
-                raise ModelFolderError(f"{path}: truncated while reading {key}")
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        if self._last is not None:
+            if self._last[0] == key:  # HF gate_up_proj is asked for twice in a row
+                return self._last[1]
+            self._release(*self._last[2:])
+        mapped, data_start, entry = self._where[key]
+        lo, hi = data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1]
+        dtype = _ST_DTYPES[entry["dtype"]]
+        tensor = (torch.frombuffer(mapped, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=lo) if hi > lo
+                  else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
+        self._last = (key, tensor, mapped, lo, hi)
+        return tensor
+
+    @staticmethod
+    def _release(mapped: mmap.mmap, lo: int, hi: int) -> None:
+        start = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside [lo, hi) only
+        if hi - start >= mmap.PAGESIZE:
+            mapped.madvise(mmap.MADV_DONTNEED, start, (hi - start) // mmap.PAGESIZE * mmap.PAGESIZE)
 
     def __iter__(self):
         return iter(self._where)
@@ -117,7 +129,8 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
         model = Transformer(args)
     # Allocate the final (fused) storage once, then copy each tensor into place as it is read, so
     # the weights exist once in memory.
-    model = model.to(dtype=target_dtype).to_empty(device=target_device).requires_grad_(False)
+    allocate(model, target_device, target_dtype)
+    model.requires_grad_(False)
     targets = model.state_dict(keep_vars=True)
     items = checked_items(weights, args)
     with torch.no_grad():
