@@ -18,9 +18,9 @@ KV_CHUNK, KV_CHUNKS = 64, 16
 MOE_EXPERTS = (8, 64)
 
 
-def membw_extra() -> dict[str, Any]:
+def membw_extra(mb: int = 512, trials: int = 5) -> dict[str, Any]:
     """benchmarks.membw in its own process (so its buffers never count in anyone's peak memory)."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.membw", "--mb", "512", "--trials", "5"],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.membw", "--mb", str(mb), "--trials", str(trials)],
                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "membw failed"}

@@ -21,14 +21,14 @@ def runs_table(result: dict[str, Any]) -> str:
     rows = []
     for r in result["runs"]:
         if "error" in r:
-            rows.append([r["impl"], r["backend"], r["dtype"], "failed: " + r["error"][:80], *[None] * 5])
+            rows.append([r["impl"], r["backend"], r["dtype"], "failed: " + r["error"][:80], *[None] * 6])
             continue
         frac = r.get("roofline_fraction")
         rows.append([r["impl"], r["backend"], r["dtype"], r["load_s"], r["prefill_tps"], r["decode_tps"],
-                     r.get("peak_mlx_gb", r["peak_rss_gb"]), r["peak_rss_gb"],
+                     r.get("peak_mlx_gb", r["peak_rss_gb"]), r["peak_rss_gb"], r.get("membw_gbps"),
                      None if frac is None else f"{100 * frac:.0f}%"])
     return _table(["impl", "backend", "dtype", "load s", "prefill tok/s", "decode tok/s", "peak GB",
-                   "peak RSS GB", "roofline"], rows)
+                   "peak RSS GB", "bandwidth GB/s", "of roofline"], rows)
 
 
 def ratios_table(result: dict[str, Any]) -> str:
@@ -41,7 +41,8 @@ def ratios_table(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     parts = [f"**{result['model']}** ({result['parameters'] / 1e6:.1f}M parameters), prompt {s['prompt_tokens']}, "
-             f"{s['gen_tokens']} tokens, median of {s['trials']}", runs_table(result), ratios_table(result)]
+             f"{s['gen_tokens']} tokens, median of {s['trials']} trials x {s.get('rounds', 1)} rounds",
+             runs_table(result), ratios_table(result)]
     bw = result.get("membw", {})
     if "roofline_gbps" in bw:
         parts.append(f"memory bandwidth (roofline): {bw['roofline_gbps']} GB/s")

@@ -2,21 +2,24 @@
 (stdout) and a markdown table (stderr).
 
     python -m benchmarks.bench_generate [--size tiny|small|medium | --model PATH] [--backends mlx,torch]
-        [--dtypes float32,bfloat16,q8,q4] [--trials 3] [--prompt-tokens 512] [--gen-tokens 128]
+        [--dtypes float32,bfloat16,q8,q4] [--trials 3] [--rounds 1] [--prompt-tokens 512] [--gen-tokens 128]
         [--no-peers] [--extras kv,moe,membw] [--json FILE]
 
 For each backend and dtype: load time, prefill tokens/s (time to the first token of a
 `--prompt-tokens` prompt), decode tokens/s (the next `--gen-tokens` - 1 greedy tokens), peak
-memory; each in a fresh process (so peak memory is its own), one warm-up, then the median of
-`--trials`. Right after each of ours, the same folder through its peer when installed: mlx-lm
+memory; each in a fresh process (so peak memory is its own), one warm-up, then `--trials` runs;
+with `--rounds` the whole sequence repeats and medians are over every trial of every round.
+Right after each of ours, the same folder through its peer when installed: mlx-lm
 (`mlx_lm.load` + `stream_generate`; q8/q4 folders come from `apps.convert`, which mlx-lm reads)
 for MLX, transformers (`Llama4ForCausalLM.from_pretrained` + greedy `generate` with its cache)
 for torch. A peer that fails (mlx-lm's bfloat16 Llama 4 on a Linux CPU) is recorded, not fatal.
 
-Extras: `membw` (this machine's bandwidth, see benchmarks/membw.py) gives each run's fraction of
-the decode roofline; `kv` compares the caches' memory at a context of 16 chunks with a cache that
-keeps every position in every layer; `moe` decodes models of equal active size with 8 and 64
-experts. Without `--model`, a synthetic float32 model of `--size` is written to a temporary folder.
+Extras: `membw` (this machine's bandwidth, see benchmarks/membw.py, measured at the start and
+again right before each run) gives each run's fraction of the decode roofline; `kv` compares the
+caches' memory at a context of 16 chunks with a cache that keeps every position in every layer;
+`moe` decodes models of equal active size with 8 and 64 experts. Without `--model`, a synthetic
+float32 model of `--size` is written to a temporary folder. MLX runs read `apps.convert` output
+(float32, or q8/q4), the layout mlx-lm writes; torch runs read the Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="torch,mlx")
     p.add_argument("--dtypes", default="float32,bfloat16,q8,q4", help="q8/q4: MLX only (apps.convert folders)")
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="repeat every run this often; medians over all trials")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads in every process (0: torch's default)")
@@ -147,6 +152,46 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _run_rounds(order: list[tuple[str, str, str]], folders: dict[tuple[str, str], Path], args: ModelArgs,
+                opts: argparse.Namespace, near_membw: bool, bandwidth: float | None) -> list[dict[str, Any]]:
+    """Every variant in `order`, `opts.rounds` times over (ours and its peer stay neighbours)."""
+    from benchmarks._extras import membw_extra
+
+    raw: dict[tuple[str, str, str], list[dict[str, Any]]] = {v: [] for v in order}
+    for r in range(opts.rounds):
+        for impl, backend, dtype in order:
+            task = {"impl": impl, "backend": backend, "dtype": dtype, "path": str(folders[backend, dtype]),
+                    "vocab_size": args.vocab_size, **_settings(opts)}
+            print(f"round {r + 1}/{opts.rounds}: {impl} {backend} {dtype} ...", file=sys.stderr, flush=True)
+            # This machine's bandwidth drifts with its neighbours' load: measure it beside each run.
+            near = membw_extra(mb=256, trials=3).get("roofline_gbps") if near_membw else None
+            raw[impl, backend, dtype].append(run_child(task, opts.timeout) | ({"membw_gbps": near} if near else {}))
+    runs = []
+    for (impl, backend, dtype), results in raw.items():
+        merged = merge_rounds(results)
+        runs.append({"impl": impl, "backend": backend, "dtype": dtype}
+                    | _with_roofline(merged, args, dtype, impl, opts, merged.get("membw_gbps") or bandwidth))
+    return runs
+
+
+def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's rounds as one run: medians over all their trials, the highest peak memory."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    merged = dict(ok[0])
+    for key in ("prefill_tps", "decode_tps"):
+        merged[f"{key}_trials"] = [v for r in ok for v in r[f"{key}_trials"]]
+        merged[key] = round(statistics.median(merged[f"{key}_trials"]), 2)
+    merged["load_s"] = round(statistics.median(r["load_s"] for r in ok), 3)
+    for key in ("peak_rss_gb", "peak_mlx_gb"):
+        if key in merged:
+            merged[key] = max(r[key] for r in ok)
+    if any("membw_gbps" in r for r in ok):
+        merged["membw_gbps"] = round(statistics.median(r["membw_gbps"] for r in ok if "membw_gbps" in r), 2)
+    return merged | {"rounds": len(ok)}
+
+
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     from benchmarks._extras import kv_extra, membw_extra, moe_extra
 
@@ -163,15 +208,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             result["membw"] = membw_extra()
         bandwidth = result.get("membw", {}).get("roofline_gbps")
         order = plan(backends, dtypes, not opts.no_peers)
-        folders = _folders(src, work, order)
-        runs = []
-        for impl, backend, dtype in order:
-            task = {"impl": impl, "backend": backend, "dtype": dtype, "path": str(folders[backend, dtype]),
-                    "vocab_size": args.vocab_size, **_settings(opts)}
-            print(f"running {impl} {backend} {dtype} ...", file=sys.stderr, flush=True)
-            res = run_child(task, opts.timeout)
-            runs.append({"impl": impl, "backend": backend, "dtype": dtype}
-                        | _with_roofline(res, args, dtype, impl, opts, bandwidth))
+        runs = _run_rounds(order, _folders(src, work, order), args, opts, "membw" in extras, bandwidth)
         result["runs"], result["ratios"] = runs, ratios(runs)
         if "kv" in extras:
             result["kv_memory"] = kv_extra(backends, opts.timeout)
@@ -184,7 +221,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
 def _settings(opts: argparse.Namespace) -> dict[str, int]:
     return {"prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "trials": opts.trials,
-            "threads": opts.threads}
+            "rounds": opts.rounds, "threads": opts.threads}
 
 
 def main(argv: list[str] | None = None) -> int:

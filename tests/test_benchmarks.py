@@ -30,7 +30,7 @@ def test_bench_generate_tiny_reports_every_run_and_ratio(tmp_path: Path) -> None
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout) == result
     assert "| impl | backend | dtype |" in proc.stderr  # the markdown table
-    assert result["settings"] == {"prompt_tokens": 12, "gen_tokens": 3, "trials": 1, "threads": 0}
+    assert result["settings"] == {"prompt_tokens": 12, "gen_tokens": 3, "trials": 1, "rounds": 1, "threads": 0}
     ours = [r for r in result["runs"] if r["impl"] == "ours"]
     assert {(r["backend"], r["dtype"]) for r in ours} >= {("torch", "float32")}
     for r in ours:
@@ -80,3 +80,16 @@ def test_synthetic_sizes_follow_mlx_lm_layer_pattern() -> None:
         args = synthetic_args(size)
         assert args.rope_layers == tuple((i + 1) % 4 != 0 for i in range(args.n_layers))
         assert args.moe_args == MoEArgs(num_experts=args.num_experts, top_k=1, interleave_moe_layer_step=1)
+
+
+def test_rounds_merge_into_medians_over_every_trial() -> None:
+    from benchmarks.bench_generate import merge_rounds
+
+    a = {"load_s": 1.0, "prefill_tps_trials": [10.0, 30.0], "decode_tps_trials": [1.0, 2.0], "peak_rss_gb": 1.0,
+         "membw_gbps": 20.0, "tokens": [1]}
+    b = {"load_s": 3.0, "prefill_tps_trials": [20.0], "decode_tps_trials": [3.0], "peak_rss_gb": 2.0,
+         "membw_gbps": 30.0, "tokens": [1]}
+    merged = merge_rounds([a, {"error": "timed out"}, b])
+    assert (merged["prefill_tps"], merged["decode_tps"], merged["load_s"]) == (20.0, 2.0, 2.0)
+    assert (merged["peak_rss_gb"], merged["membw_gbps"], merged["rounds"]) == (2.0, 25.0, 2)
+    assert merge_rounds([{"error": "x"}]) == {"error": "x"}
