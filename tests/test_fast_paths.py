@@ -224,3 +224,50 @@ def test_torch_products_split_over_threads_equal_whole_ones(monkeypatch: pytest.
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(split, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_torch_reduced_precision_cpu_products_accumulate_in_float32(dtype: str, rows: int) -> None:
+    import torch
+
+    from torch_backend.fused import linear
+
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(300, 512, generator=gen).to(getattr(torch, dtype))  # [O, I], as CPU storage holds it
+    x = torch.randn(rows, 512, generator=gen).to(getattr(torch, dtype))
+    with torch.inference_mode():
+        got = linear(x, w).float()
+        with pytest.raises(RuntimeError):
+            linear(x[:, :100], w)  # a failing product still switches oneDNN back on
+    assert torch.backends.mkldnn.enabled
+    want = x.double() @ w.double().T  # exact products of the rounded inputs
+    # float32 sums rounded once to the dtype: within half its spacing (2^-8 / 2^-11 relative) plus
+    # the float32 sum's own error; sums kept in the low-precision dtype miss by ~10x more.
+    half_spacing = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
+    assert ((got.double() - want).abs() <= half_spacing * want.abs() + 1e-3).all()
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+@pytest.mark.parametrize(("dtype", "bound"), [("bfloat16", 0.03), ("float16", 0.005)])
+@pytest.mark.parametrize("name", ["dense_moe", "all_moe", "top1_of_8"])
+def test_torch_low_precision_cpu_model_decodes_close_to_float32(name: str, dtype: str, bound: float) -> None:
+    # Measured mean |diff| against float32: bf16 <= 0.016, fp16 <= 0.001 (routing flips move a few rows).
+    import torch
+
+    args = CONFIGS[name]
+    b, w = TorchBackend(), random_weights(args)
+    ref = b.forward(b.build(args, w), TOKENS)
+    model = b.build(args, w, dtype)
+    attention = model.layers[0].attention
+    with torch.no_grad():  # stored [sum O, I]: the parameters are plain row blocks of the fused weight
+        assert attention._qkv.weight() is attention._qkv.storage and attention.wk.weight.is_contiguous()
+    cache = model.make_cache(2)
+    steps = [b.forward(model, TOKENS[:, :9], 0, cache)]
+    steps += [b.forward(model, TOKENS[:, p : p + 1], p, cache) for p in range(9, 20)]  # 2 rows: native products
+    assert cache[0].keys.dtype == getattr(torch, dtype)
+    out = b.forward(model, TOKENS)
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).mean() < bound
+    assert np.abs(np.concatenate(steps, 1) - ref[:, :20]).mean() < bound

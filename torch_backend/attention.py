@@ -106,7 +106,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
     Plain products (query heads grouped by their kv head, no copies of k/v) beat the fused CPU
     kernel several times at one query; the softmax runs in float32 as the fused kernels' does.
+    On the CPU, bfloat16/float16 inputs are computed in float32: copies included, 2x faster than
+    the reduced-precision batched products there (measured at 64 to 2,048 keys).
     """
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        return decode_attention(q.float(), k.float(), v.float(), scale).to(q.dtype)
     B, _, H, d = q.shape
     K = k.shape[1]
     q = q.reshape(B, K, H // K, d)  # [B, 1, H, d] -> [B, K, G, d]: head h reads kv head h // G

@@ -1,11 +1,17 @@
-"""Fused, input-major weight storage: one product per group of projections (q|k|v, gate|value),
-over the layout CPU matrix-vector kernels stream fastest.
+"""Fused weight storage: one product per group of projections (q|k|v, gate|value), laid out
+the way the device's matrix-vector kernels stream fastest.
 
-A group's weights [..., O_i, I] live side by side in one contiguous [..., I, sum O_i] tensor,
-and each canonical parameter is the view `storage[..., a:b].transpose(-1, -2)`: state_dict names,
-shapes and values are unchanged, and strict loading copies into the views. Measured on a 2-core
-x86 CPU (torch 2.13, float32, one token): a [768, 512] projection streams at 13.5 GB/s stored
-input-major against 10 GB/s stored [out, in], an [8192, 512] one at 20.8 against 9.8.
+A group's weights [..., O_i, I] live side by side in one contiguous tensor, and each canonical
+parameter is a view of it: state_dict names, shapes and values are unchanged, and strict loading
+copies into the views. The layout depends on where the weights live (`output_major`):
+- float32 (and every accelerator): input-major [..., I, sum O], each parameter the view
+  `storage[..., a:b].transpose(-1, -2)`. Measured on a 2-core x86 CPU (torch 2.13, one token): a
+  [768, 512] projection streams at 13.5 GB/s stored input-major against 10 GB/s stored [out, in],
+  an [8192, 512] one at 20.8 against 9.8.
+- bfloat16 and float16 on the CPU: output-major [..., sum O, I], each parameter the plain slice
+  `storage[..., a:b, :]`. Torch's own reduced-precision matrix-vector product (fp32 accumulation,
+  reached with oneDNN switched off, see `linear`) streams contiguous [out, in] rows at 25-30 GB/s
+  on that CPU, where oneDNN's takes 10-13 GB/s in either layout.
 
 Modules that own groups derive from `FusedModule`: `.to()` and friends, and
 `Transformer.load_state_dict(assign=True)` (through `refresh_fused`), rebuild the storage from the
@@ -23,6 +29,16 @@ from torch import nn
 
 SPLIT_MIN_BYTES = 1 << 18  # smaller products gain less than the extra call costs
 SPLIT_MIN_INPUTS = 128  # inputs per part, at least
+SPLIT_MAX_ROWS = 4  # float32 CPU products of up to this many rows are split over threads
+# Reduced-precision CPU products of up to this many rows skip oneDNN: a [1536, 512] bfloat16
+# product took 110 / 157 / 273 us for 1 / 2 / 3 rows that way, against 212-236 us with oneDNN.
+NATIVE_MAX_ROWS = 2
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+def output_major(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a group on `device` in `dtype` stores its weights [..., sum O, I] (else [..., I, sum O])."""
+    return device.type == "cpu" and dtype in REDUCED
 
 
 class FusedGroup:
@@ -30,20 +46,26 @@ class FusedGroup:
 
     def __init__(self, members: Sequence[tuple[nn.Module, str]]) -> None:
         self.members = tuple(members)
-        self.storage: torch.Tensor | None = None  # [..., I, sum O]
+        self.storage: torch.Tensor | None = None  # [..., I, sum O], or [..., sum O, I] when output-major
         self.refresh()
 
     def _params(self) -> list[torch.Tensor]:
         return [getattr(m, name) for m, name in self.members]
+
+    def _view(self, storage: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+        """Rows start .. start+rows-1 of the fused [..., sum O, I] weight, as a view of `storage`."""
+        if output_major(storage.device, storage.dtype):
+            return storage[..., start : start + rows, :]  # [..., O, I]
+        return storage[..., start : start + rows].transpose(-1, -2)  # [..., I, O] -> [..., O, I]
 
     def _is_current(self) -> bool:
         if self.storage is None:
             return False
         start = 0
         for p in self._params():
-            view = self.storage[..., start : start + p.shape[-2]]  # [..., I, O]
+            view = self._view(self.storage, start, p.shape[-2])
             if p.device != view.device or p.dtype != view.dtype or p.data_ptr() != view.data_ptr() \
-                    or p.stride() != view.transpose(-1, -2).stride():
+                    or p.stride() != view.stride():
                 return False
             start += p.shape[-2]
         return True
@@ -60,12 +82,13 @@ class FusedGroup:
 
     def _place(self, device: torch.device, dtype: torch.dtype, copy: bool) -> None:
         params = self._params()
-        size = (*params[0].shape[:-2], params[0].shape[-1], sum(p.shape[-2] for p in params))  # [..., I, sum O]
-        storage = torch.empty(size, dtype=dtype, device=device)
+        lead, n_in, n_out = params[0].shape[:-2], params[0].shape[-1], sum(p.shape[-2] for p in params)
+        om = output_major(torch.device(device), dtype)
+        storage = torch.empty((*lead, n_out, n_in) if om else (*lead, n_in, n_out), dtype=dtype, device=device)
         start = 0
         with torch.no_grad():
             for (module, name), p in zip(self.members, params, strict=True):
-                view = storage[..., start : start + p.shape[-2]].transpose(-1, -2)  # [..., O, I]
+                view = self._view(storage, start, p.shape[-2])  # [..., O, I]
                 if copy:
                     view.copy_(p)
                 if isinstance(p, nn.Parameter) and p.device == device:
@@ -74,10 +97,11 @@ class FusedGroup:
                     setattr(module, name, nn.Parameter(view, requires_grad=p.requires_grad))
                 start += p.shape[-2]
         self.storage = storage
-        self._weight, self._ptr = storage.transpose(-1, -2), storage.data_ptr()  # read on every call
+        self._weight = storage if om else storage.transpose(-1, -2)  # [..., sum O, I], read on every call
+        self._ptr = storage.data_ptr()
 
     def weight(self) -> torch.Tensor | None:
-        """The fused [..., sum O, I] weight (a transposed view), or None where it must not be used:
+        """The fused [..., sum O, I] weight (the storage or its transposed view), or None where it must not be used:
         autograd on, or members re-pointed elsewhere since the last refresh."""
         if torch.is_grad_enabled() or self.storage is None:
             return None
@@ -124,19 +148,33 @@ def refresh_fused(model: nn.Module) -> None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) for a fused weight [O, I] (a transposed view of contiguous [I, O] storage).
+    """F.linear(x, weight) for a fused weight [O, I], through the fastest CPU path for a few rows.
 
-    A few float32 rows (decoding) on a multi-core CPU are split along the inputs, one contiguous
-    block of storage rows per thread, and the partial products added: on 2 cores MKL's own
-    matrix-vector product streams a [1024, 3072] matrix at 21 GB/s, a [1536, 1024] one at 13; split,
-    at 28 and 25. Larger inputs (prefill) and other dtypes gain nothing and run whole.
+    float32 (weight a transposed view of contiguous [I, O] storage): a few rows (decoding) on a
+    multi-core CPU are split along the inputs, one contiguous block of storage rows per thread, and
+    the partial products added: on 2 cores MKL's own matrix-vector product streams a [1024, 3072]
+    matrix at 21 GB/s, a [1536, 1024] one at 13; split, at 28 and 25.
+    bfloat16 / float16 (weight contiguous [O, I]): one or two rows run with oneDNN switched off,
+    which takes torch's native matrix-vector kernel (fp32 accumulation, as oneDNN's) at 2-3x the speed.
+    Larger inputs (prefill) run whole, with oneDNN.
     """
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS:
+        return F.linear(x, weight)
+    if x.dtype in REDUCED:
+        if rows > NATIVE_MAX_ROWS or not weight.is_contiguous():
+            return F.linear(x, weight)
+        previous = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False  # a process-wide switch, restored right after
+        try:
+            return F.linear(x, weight)
+        finally:
+            torch.backends.mkldnn.enabled = previous
     storage = weight.mT  # [I, O]
     n_in = storage.shape[0]
-    rows = x.numel() // n_in
     parts = min(torch.get_num_threads(), n_in // SPLIT_MIN_INPUTS)
-    if (parts < 2 or rows > 4 or n_in % parts or x.dtype != torch.float32 or x.device.type != "cpu"
-            or storage.numel() * 4 < SPLIT_MIN_BYTES or not storage.is_contiguous()):
+    if (parts < 2 or n_in % parts or x.dtype != torch.float32 or storage.numel() * 4 < SPLIT_MIN_BYTES
+            or not storage.is_contiguous()):
         return F.linear(x, weight)
     xs = x.reshape(rows, parts, n_in // parts).transpose(0, 1)  # [rows, I] -> [parts, rows, I/parts]
     partial = torch.bmm(xs, storage.view(parts, n_in // parts, -1))  # [parts, rows, O], a thread per part

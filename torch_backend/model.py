@@ -52,7 +52,7 @@ class TransformerBlock(nn.Module):
 class Transformer(FusedModule):
     """The text model (and the vision encoder when `args` has one).
 
-    Projections are stored fused and input-major (`torch_backend.fused`); a load hook rebuilds
+    Projections are stored fused (`torch_backend.fused`); a load hook rebuilds
     that storage after `load_state_dict(..., assign=True)` replaced the parameters.
     """
 

@@ -48,8 +48,9 @@ class FeedForward(FusedModule):
 class Experts(FusedModule):
     """E SwiGLU experts stored as [E, out, in] tensors; only the selected experts are read.
 
-    Fused, each expert's gate|value is one input-major [D, 2F] matrix and its w_out an [F, D] one
-    (transformers' layout), so one expert is two plain products over contiguous memory.
+    Fused, each expert's gate|value is one contiguous matrix and its w_out another (input-major
+    [D, 2F] and [F, D] as transformers stores them, or [2F, D] and [D, F] for bfloat16/float16 on
+    the CPU, see `torch_backend.fused`), so one expert is two plain products over contiguous memory.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int) -> None:
@@ -68,7 +69,7 @@ class Experts(FusedModule):
         gv, out = self._gate_value.weight(), self._out.weight()
         if gv is None or out is None:  # autograd on: the canonical parameters, one by one
             return (F.silu(x @ self.w_gate[e].mT) * (x @ self.w_value[e].mT)) @ self.w_out[e].mT
-        if isinstance(e, int):  # views of the input-major storage (gate|value [D, 2F], w_out [F, D]): no copies
+        if isinstance(e, int):  # views of one expert's block of the fused storage: no copies
             return linear(swiglu(linear(x, gv[e])), out[e])
         return swiglu(x @ gv.mT[e]) @ out.mT[e]  # gathered copies [N, D, 2F] and [N, F, D]
 
