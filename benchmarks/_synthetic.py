@@ -95,11 +95,12 @@ def write_model(folder: str | Path, args: ModelArgs, seed: int = 0) -> Path:
     config = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
               "torch_dtype": "float32", "text_config": to_hf_text_config(args)}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    _write_tokenizer(folder, args.vocab_size)
+    write_tokenizer(folder, args.vocab_size)
     return folder
 
 
-def _write_tokenizer(folder: Path, vocab: int) -> None:
+def write_tokenizer(folder: Path, vocab: int) -> None:
+    """A word-level `tokenizer.json` of `t0 .. t{vocab-1}` (no special tokens) and its config."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from apps.convert_io import Entry, ShardWriter
+from benchmarks._synthetic import write_tokenizer
 from common.args import ModelArgs, MoEArgs
 from common.checkpoint import canonical_to_hf
 from common.hf_config import to_hf_text_config
@@ -91,18 +92,8 @@ def write_synthetic(folder: Path, args: ModelArgs, shard_bytes: int = 2 << 30, s
     config = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "torch_dtype": "float16",
               "text_config": to_hf_text_config(args)}
     (folder / "config.json").write_text(json.dumps(config))
-    _write_tokenizer(folder, args.vocab_size)
+    write_tokenizer(folder, args.vocab_size)
     return sum(e.nbytes for e in entries)
-
-
-def _write_tokenizer(folder: Path, vocab: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                              "unk_token": "t0"}))
 
 
 def measure(cmd: list[str]) -> dict[str, float]:
