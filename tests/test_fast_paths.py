@@ -271,3 +271,19 @@ def test_torch_low_precision_cpu_model_decodes_close_to_float32(name: str, dtype
     assert np.isfinite(out).all()
     assert np.abs(out - ref).mean() < bound
     assert np.abs(np.concatenate(steps, 1) - ref[:, :20]).mean() < bound
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_torch_cpu_rms_norm_equals_the_float32_cast_pair(dtype: str) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from torch_backend.attention import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(4, 7, 512), (3, 5, 10, 64), (1, 1, 5120)]:
+        scale = torch.rand(*shape[:-1], 1, generator=gen) * 10  # rows of very different sizes
+        x = (torch.randn(shape, generator=gen) * scale).to(getattr(torch, dtype))
+        want = F.rms_norm(x.float(), (shape[-1],), eps=1e-5).to(x.dtype)  # the reference's float32 math
+        assert torch.equal(rms_norm(x, 1e-5), want)
