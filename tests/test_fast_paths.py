@@ -120,7 +120,7 @@ def test_torch_fused_storage_follows_dtype_changes_and_assigning_loads() -> None
         fresh = Transformer(ARGS)
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in WEIGHTS.items()}, strict=True, assign=True)
     with torch.no_grad():
-        assert fresh.layers[1].feed_forward.experts._gate_value.weight() is not None  # rebuilt after assign
+        assert fresh.layers[1].feed_forward.experts._fused()[0] is not None  # rebuilt after assign
         torch.testing.assert_close(fresh.layers[1].feed_forward.experts.w_value,
                                    torch.from_numpy(WEIGHTS["layers.1.feed_forward.experts.w_value"]))
 
@@ -287,3 +287,36 @@ def test_torch_cpu_rms_norm_equals_the_float32_cast_pair(dtype: str) -> None:
         x = (torch.randn(shape, generator=gen) * scale).to(getattr(torch, dtype))
         want = F.rms_norm(x.float(), (shape[-1],), eps=1e-5).to(x.dtype)  # the reference's float32 math
         assert torch.equal(rms_norm(x, 1e-5), want)
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+def test_torch_one_token_runs_its_expert_and_the_shared_one_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from torch_backend import moe
+
+    b = TorchBackend()
+    model = b.build(ARGS, WEIGHTS)
+    ff = model.layers[ARGS.moe_layers[0]].feed_forward
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((1, ARGS.dim)).astype(np.float32))
+    with torch.no_grad():
+        for e in range(ARGS.moe_args.num_experts):
+            both = ff.experts.with_shared(x * 0.7, e, x)  # entries e and E of the fused storage
+            # the shared expert through its own (canonical, unfused) parameters
+            torch.testing.assert_close(both, ff.experts._expert(x * 0.7, e) + ff.shared_expert(x), atol=1e-6, rtol=0)
+        assert b.build(ARGS, WEIGHTS, "bfloat16").layers[ARGS.moe_layers[0]].feed_forward.experts.with_shared(
+            x.bfloat16(), 0, x.bfloat16()) is None  # reduced precision: the native per-matrix products instead
+
+    calls = []
+    real = moe.Experts.with_shared
+    monkeypatch.setattr(moe.Experts, "with_shared", lambda self, *a: calls.append(1) or real(self, *a))
+
+    def decode() -> np.ndarray:
+        cache = model.make_cache(1)
+        b.forward(model, TOKENS[:1, :6], 0, cache)
+        return np.concatenate([b.forward(model, TOKENS[:1, p : p + 1], p, cache) for p in range(6, 14)], axis=1)
+
+    together = decode()
+    assert len(calls) == 8 * len(ARGS.moe_layers)  # every decode step of every MoE layer
+    monkeypatch.setattr(moe.Experts, "with_shared", lambda self, *a: None)
+    np.testing.assert_allclose(decode(), together, atol=1e-5, rtol=0)

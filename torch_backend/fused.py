@@ -42,32 +42,47 @@ def output_major(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class FusedGroup:
-    """Parameters (module, attribute name) stored side by side along the output axis, input-major."""
+    """Parameters (module, attribute name) stored side by side along the output axis.
 
-    def __init__(self, members: Sequence[tuple[nn.Module, str]]) -> None:
-        self.members = tuple(members)
+    With `extra` (one 2-D parameter per member, e.g. the shared expert's beside the routed experts'
+    [E, O_i, I] stacks), the storage gains one more entry on the leading axis: [E + 1, ...], the
+    extra parameters being entry E, so one strided view reaches any expert and the shared one.
+    """
+
+    def __init__(self, members: Sequence[tuple[nn.Module, str]], extra: Sequence[tuple[nn.Module, str]] = ()) -> None:
+        self.members, self.extra = tuple(members), tuple(extra)
+        if self.extra and len(self.extra) != len(self.members):
+            raise ValueError(f"FusedGroup: {len(self.extra)} extra parameters for {len(self.members)} members")
         self.storage: torch.Tensor | None = None  # [..., I, sum O], or [..., sum O, I] when output-major
         self.refresh()
 
     def _params(self) -> list[torch.Tensor]:
         return [getattr(m, name) for m, name in self.members]
 
-    def _view(self, storage: torch.Tensor, start: int, rows: int) -> torch.Tensor:
-        """Rows start .. start+rows-1 of the fused [..., sum O, I] weight, as a view of `storage`."""
-        if output_major(storage.device, storage.dtype):
-            return storage[..., start : start + rows, :]  # [..., O, I]
-        return storage[..., start : start + rows].transpose(-1, -2)  # [..., I, O] -> [..., O, I]
+    def _slots(self, storage: torch.Tensor) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """(module, name, the view of `storage` that parameter is) for every member and extra."""
+        out, start = [], 0
+        for i, p in enumerate(self._params()):
+            rows = p.shape[-2]
+            if output_major(storage.device, storage.dtype):
+                view = storage[..., start : start + rows, :]  # [..., O, I]
+            else:
+                view = storage[..., start : start + rows].transpose(-1, -2)  # [..., I, O] -> [..., O, I]
+            if self.extra:
+                out.append((*self.extra[i], view[-1]))  # entry E: [O, I]
+                view = view[:-1]  # entries 0 .. E-1: [E, O, I]
+            out.append((*self.members[i], view))
+            start += rows
+        return out
 
     def _is_current(self) -> bool:
         if self.storage is None:
             return False
-        start = 0
-        for p in self._params():
-            view = self._view(self.storage, start, p.shape[-2])
+        for module, name, view in self._slots(self.storage):
+            p = getattr(module, name)
             if p.device != view.device or p.dtype != view.dtype or p.data_ptr() != view.data_ptr() \
-                    or p.stride() != view.stride():
+                    or p.shape != view.shape or p.stride() != view.stride():
                 return False
-            start += p.shape[-2]
         return True
 
     def refresh(self) -> None:
@@ -83,22 +98,25 @@ class FusedGroup:
     def _place(self, device: torch.device, dtype: torch.dtype, copy: bool) -> None:
         params = self._params()
         lead, n_in, n_out = params[0].shape[:-2], params[0].shape[-1], sum(p.shape[-2] for p in params)
+        if self.extra:
+            lead = (lead[0] + 1, *lead[1:])  # the extra parameters as entry E
         om = output_major(torch.device(device), dtype)
         storage = torch.empty((*lead, n_out, n_in) if om else (*lead, n_in, n_out), dtype=dtype, device=device)
-        start = 0
         with torch.no_grad():
-            for (module, name), p in zip(self.members, params, strict=True):
-                view = self._view(storage, start, p.shape[-2])  # [..., O, I]
+            for module, name, view in self._slots(storage):
+                p = getattr(module, name)
+                if tuple(p.shape) != tuple(view.shape):
+                    raise ValueError(f"FusedGroup: {name} has shape {list(p.shape)}, expected {list(view.shape)}")
                 if copy:
                     view.copy_(p)
                 if isinstance(p, nn.Parameter) and p.device == device:
                     p.data = view  # the same Parameter object: optimizers and hooks keep working
                 else:
                     setattr(module, name, nn.Parameter(view, requires_grad=p.requires_grad))
-                start += p.shape[-2]
         self.storage = storage
         self._weight = storage if om else storage.transpose(-1, -2)  # [..., sum O, I], read on every call
-        self._ptr = storage.data_ptr()
+        self._ptr = storage.data_ptr()  # where members[0] starts; and extra[0], entry E:
+        self._extra_ptr = getattr(*self.extra[0]).data_ptr() if self.extra else None
 
     def weight(self) -> torch.Tensor | None:
         """The fused [..., sum O, I] weight (the storage or its transposed view), or None where it must not be used:
@@ -106,6 +124,8 @@ class FusedGroup:
         if torch.is_grad_enabled() or self.storage is None:
             return None
         if getattr(*self.members[0]).data_ptr() != self._ptr:
+            return None
+        if self.extra and getattr(*self.extra[0]).data_ptr() != self._extra_ptr:
             return None
         return self._weight
 
