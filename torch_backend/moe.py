@@ -154,7 +154,7 @@ class MoE(FusedModule):
         picked, experts = torch.topk(logits, k, dim=-1)  # each [T, k]
         scores = torch.sigmoid(picked.float()).to(x.dtype)  # no softmax, no renormalising
         routed = (x[:, None, :] * scores[..., None]).reshape(-1, shape[-1])  # input scaled: [T*k, D]
-        if routed.shape[0] == 1 and x.device.type == "cpu":  # one token, top-1: both experts at once
+        if routed.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32:  # one token, top-1
             both = self.experts.with_shared(routed, int(experts), x)
             if both is not None:
                 return both.reshape(shape)
@@ -164,6 +164,7 @@ class MoE(FusedModule):
         return (self._shared(x) + y).reshape(shape)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
-        if self.experts._fused()[0] is None:
+        gv, out = self._groups[1].weight(), self._groups[2].weight()
+        if gv is None or out is None:
             return self.shared_expert(x)
-        return self.experts._expert(x, self.experts.w_gate.shape[0])  # entry E of the fused storage
+        return linear(swiglu(linear(x, gv[-1])), out[-1])  # entry E of the fused storage
