@@ -70,7 +70,8 @@ class Positions:
     def __init__(self, args: ModelArgs, rope: RotaryTable, temps: _GrowingTable | None, start: int, length: int,
                  device: torch.device) -> None:
         self.start, self.length, self.device = start, length, device
-        self.rope = rope(start, length, device) if any(r.use_rope for r in args.layer_roles) else None  # [L, d/2]
+        # [L, d/2] -> [L, 1, d/2]: broadcast over heads once per forward, not once per layer
+        self.rope = rope(start, length, device)[:, None, :] if any(r.use_rope for r in args.layer_roles) else None
         self.temps = None if temps is None else temps(start, length, device)[:, None, None]  # [L, 1, 1]
         self._masks: dict[tuple[int, int, int, int, int | None], torch.Tensor] = {}
 
@@ -95,13 +96,13 @@ def temperature_table(args: ModelArgs) -> _GrowingTable | None:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) of x [B, L, heads, d] by position; fp32 math."""
-    return rotate(x, torch.complex(cos, sin))
+    return rotate(x, torch.complex(cos, sin)[:, None, :])  # [L, d/2] -> [L, 1, d/2]
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x [B, L, heads, d] with pairs (x[2j], x[2j+1]) multiplied by complex `rotation` [L, d/2]; fp32 math."""
+    """x [B, L, heads, d] with pairs (x[2j], x[2j+1]) multiplied by complex `rotation` [L, 1, d/2]; fp32 math."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, heads, d/2] complex
-    out = torch.view_as_real(pairs * rotation[:, None, :])  # [B, L, heads, d/2, 2]
+    out = torch.view_as_real(pairs * rotation)  # [B, L, heads, d/2, 2]
     return out.flatten(-2).to(x.dtype)  # [B, L, heads, d]
 
 

@@ -196,6 +196,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (parts < 2 or n_in % parts or x.dtype != torch.float32 or storage.numel() * 4 < SPLIT_MIN_BYTES
             or not storage.is_contiguous()):
         return F.linear(x, weight)
-    xs = x.reshape(rows, parts, n_in // parts).transpose(0, 1)  # [rows, I] -> [parts, rows, I/parts]
+    # [rows, I] -> [parts, rows, I/parts]; one view for a single row
+    xs = x.reshape(parts, 1, n_in // parts) if rows == 1 else x.reshape(rows, parts, n_in // parts).transpose(0, 1)
     partial = torch.bmm(xs, storage.view(parts, n_in // parts, -1))  # [parts, rows, O], a thread per part
     return partial.sum(0).view(*x.shape[:-1], -1)  # [rows, O] -> [..., O]

@@ -153,7 +153,8 @@ class MoE(FusedModule):
         logits = self.router(x) if w is None else linear(x, w)  # [T, E], model dtype
         picked, experts = torch.topk(logits, k, dim=-1)  # each [T, k]
         scores = torch.sigmoid(picked.float()).to(x.dtype)  # no softmax, no renormalising
-        routed = (x[:, None, :] * scores[..., None]).reshape(-1, shape[-1])  # input scaled: [T*k, D]
+        # input scaled by its score: [T, D] * [T, 1], or [T, 1, D] * [T, k, 1] -> [T*k, D]
+        routed = x * scores if k == 1 else (x[:, None, :] * scores[..., None]).reshape(-1, shape[-1])
         if routed.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32:  # one token, top-1
             both = self.experts.with_shared(routed, int(experts), x)
             if both is not None:
