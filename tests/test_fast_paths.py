@@ -249,25 +249,26 @@ def test_torch_reduced_precision_cpu_products_accumulate_in_float32(dtype: str, 
     assert ((got.double() - want).abs() <= half_spacing * want.abs() + 1e-3).all()
 
 
-@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+# MoE routing can flip on near-tied router logits, so a few rows jump; the mean stays small
+# (measured mean |diff| against float32: bf16 <= 0.016, fp16 <= 0.001 over these configs).
 @pytest.mark.parametrize(("dtype", "bound"), [("bfloat16", 0.03), ("float16", 0.005)])
 @pytest.mark.parametrize("name", ["dense_moe", "all_moe", "top1_of_8"])
-def test_torch_low_precision_cpu_model_decodes_close_to_float32(name: str, dtype: str, bound: float) -> None:
-    # Measured mean |diff| against float32: bf16 <= 0.016, fp16 <= 0.001 (routing flips move a few rows).
-    import torch
-
+def test_low_precision_model_decodes_close_to_float32(backend, name: str, dtype: str, bound: float) -> None:
     args = CONFIGS[name]
-    b, w = TorchBackend(), random_weights(args)
-    ref = b.forward(b.build(args, w), TOKENS)
-    model = b.build(args, w, dtype)
-    attention = model.layers[0].attention
-    with torch.no_grad():  # stored [sum O, I]: the parameters are plain row blocks of the fused weight
-        assert attention._qkv.weight() is attention._qkv.storage and attention.wk.weight.is_contiguous()
+    w = random_weights(args)
+    ref = backend.forward(backend.build(args, w), TOKENS)
+    model = backend.build(args, w, dtype)
+    if backend.name == "torch":
+        import torch
+
+        attention = model.layers[0].attention
+        with torch.no_grad():  # CPU: stored [sum O, I], the parameters plain row blocks of the fused weight
+            assert attention._qkv.weight() is attention._qkv.storage and attention.wk.weight.is_contiguous()
     cache = model.make_cache(2)
-    steps = [b.forward(model, TOKENS[:, :9], 0, cache)]
-    steps += [b.forward(model, TOKENS[:, p : p + 1], p, cache) for p in range(9, 20)]  # 2 rows: native products
-    assert cache[0].keys.dtype == getattr(torch, dtype)
-    out = b.forward(model, TOKENS)
+    steps = [backend.forward(model, TOKENS[:, :9], 0, cache)]
+    steps += [backend.forward(model, TOKENS[:, p : p + 1], p, cache) for p in range(9, 20)]  # 2 rows per step
+    assert str(cache[0].keys.dtype).endswith(dtype)
+    out = backend.forward(model, TOKENS)
     assert np.isfinite(out).all()
     assert np.abs(out - ref).mean() < bound
     assert np.abs(np.concatenate(steps, 1) - ref[:, :20]).mean() < bound

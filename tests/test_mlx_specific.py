@@ -56,25 +56,6 @@ def test_low_precision_dense_close_to_float32(dtype: str, bound: float) -> None:
     assert model.layers[0].attention.wq.weight.dtype == getattr(mx, dtype)
 
 
-# MoE routing can flip on near-tied router logits, so a few rows jump; the mean stays small
-# (measured mean |diff|: bf16 <= 0.014, fp16 <= 0.002 over CONFIGS).
-@pytest.mark.parametrize(("dtype", "bound"), [("bfloat16", 0.03), ("float16", 0.005)])
-@pytest.mark.parametrize("name", ["dense_moe", "all_moe", "top1_of_8"])
-def test_low_precision_moe_runs_and_stays_close(name: str, dtype: str, bound: float) -> None:
-    args = CONFIGS[name]
-    b, w = MlxBackend(), random_weights(args)
-    ref = b.forward(b.build(args, w), TOKENS)
-    model = b.build(args, w, dtype)
-    out = b.forward(model, TOKENS)
-    cache = model.make_cache(2)
-    steps = [b.forward(model, TOKENS[:, :9], 0, cache)]
-    steps += [b.forward(model, TOKENS[:, p : p + 1], p, cache) for p in range(9, 12)]
-    assert cache[0].keys.dtype == getattr(mx, dtype)
-    assert np.isfinite(out).all()
-    assert np.abs(out - ref).mean() < bound
-    assert np.abs(np.concatenate(steps, 1) - ref[:, :12]).mean() < bound
-
-
 def _experts(num_experts: int, dtype, seed: int = 0) -> moe.Experts:
     rng = np.random.default_rng(seed)
     e = moe.Experts(num_experts, 16, 24)

@@ -24,6 +24,11 @@ def swiglu(gate_value: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * value
 
 
+def swiglu_product(x: torch.Tensor, gate_value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert from fused weights: gate|value [2F, D] and w_out [D, F]; x [.., D] -> [.., D]."""
+    return linear(swiglu(linear(x, gate_value)), out)  # [.., 2F] -> [.., F] -> [.., D]
+
+
 class FeedForward(FusedModule):
     """SwiGLU: w_out(silu(w_gate(x)) * w_value(x)). `fused=False` leaves the storage to an owner
     (the MoE keeps its shared expert beside the routed experts)."""
@@ -43,7 +48,7 @@ class FeedForward(FusedModule):
         gv, out = (g.weight() for g in self._groups) if self._groups else (None, None)
         if gv is None or out is None:
             return self.w_out(F.silu(self.w_gate(x)) * self.w_value(x))
-        return linear(swiglu(linear(x, gv)), out)  # [.., 2F] -> [.., F] -> [.., D]
+        return swiglu_product(x, gv, out)
 
 
 class Experts(nn.Module):
@@ -76,23 +81,23 @@ class Experts(nn.Module):
         if gv is None or out is None:  # autograd on: the canonical parameters, one by one
             return (F.silu(x @ self.w_gate[e].mT) * (x @ self.w_value[e].mT)) @ self.w_out[e].mT
         if isinstance(e, int):  # views of one expert's block of the fused storage: no copies
-            return linear(swiglu(linear(x, gv[e])), out[e])
+            return swiglu_product(x, gv[e], out[e])
         return swiglu(x @ gv.mT[e]) @ out.mT[e]  # gathered copies [N, D, 2F] and [N, F, D]
 
-    def with_shared(self, routed: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Expert e on routed [1, D] plus the shared expert on x [1, D], or None where this path
-        does not apply (only float32 input-major CPU storage).
+    def with_shared(self, routed: torch.Tensor, e: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Expert e (an int or a one-element tensor) on routed [1, D] plus the shared expert on x [1, D],
+        or None where this path does not apply (only float32 input-major CPU storage).
 
         Entries e and E of the storage are one strided view (step E - e), so both experts run as
         two batched products (one thread each) instead of four: on a 2-core CPU a 16-expert layer
         of the small benchmark model took 470 us against 590 us.
         """
-        if self.storage is None or self._fused()[0] is None:
+        if self.storage is None or x.device.type != "cpu" or x.dtype != torch.float32:
             return None
         gv, out = (g.storage for g in self.storage)  # [E+1, D, 2F], [E+1, F, D]
-        if gv.device.type != "cpu" or gv.dtype != torch.float32 or x.dtype != torch.float32:
+        if gv is None or gv.dtype != torch.float32 or gv.device.type != "cpu" or self._fused()[0] is None:
             return None
-        E = gv.shape[0] - 1
+        E, e = gv.shape[0] - 1, int(e)  # the id read only here: on the CPU, where it costs nothing
         xs = torch.stack([routed, x])  # [2, 1, D]
         h = swiglu(torch.bmm(xs, gv[e :: E - e]))  # entries e and E: [2, 1, 2F] -> [2, 1, F]
         return torch.bmm(h, out[e :: E - e]).sum(0)  # [2, 1, D] -> [1, D]
@@ -155,8 +160,8 @@ class MoE(FusedModule):
         scores = torch.sigmoid(picked.float()).to(x.dtype)  # no softmax, no renormalising
         # input scaled by its score: [T, D] * [T, 1], or [T, 1, D] * [T, k, 1] -> [T*k, D]
         routed = x * scores if k == 1 else (x[:, None, :] * scores[..., None]).reshape(-1, shape[-1])
-        if routed.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32:  # one token, top-1
-            both = self.experts.with_shared(routed, int(experts), x)
+        if routed.shape[0] == 1:  # one token, top-1: its expert and the shared one together where that applies
+            both = self.experts.with_shared(routed, experts, x)
             if both is not None:
                 return both.reshape(shape)
         y = self.experts(routed, experts.reshape(-1))  # [T*k, D]
@@ -168,4 +173,4 @@ class MoE(FusedModule):
         gv, out = self._groups[1].weight(), self._groups[2].weight()
         if gv is None or out is None:
             return self.shared_expert(x)
-        return linear(swiglu(linear(x, gv[-1])), out[-1])  # entry E of the fused storage
+        return swiglu_product(x, gv[-1], out[-1])  # entry E of the fused storage
