@@ -22,11 +22,14 @@ class MaskedEmbedding:
 
 @dataclass(frozen=True)
 class TransformerInput:
-    """tokens: int array [B, L]; tokens_position: absolute position of tokens[:, 0]."""
+    """tokens: int array [B, L]; tokens_position: absolute position of tokens[:, 0], an int for every
+    row or one start per row ([B] ints); lengths: None (every row fills L) or [B] real lengths, the
+    rest of a row being right padding that never reaches a cache nor changes another row."""
 
     tokens: Any
-    tokens_position: int = 0
+    tokens_position: Any = 0
     image_embedding: MaskedEmbedding | None = None
+    lengths: Any = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from torch import nn
 
 from common.args import LayerRole, ModelArgs
 from common.rope import attention_mask, rope_cos_sin, rope_inv_freqs, temperature_scales
+from common.spans import RowSpans
 from torch_backend.cache import ChunkedKVCache, KVCache
 from torch_backend.device import to_device_mask
 from torch_backend.fused import FusedGroup, FusedModule, linear
@@ -65,15 +66,32 @@ class RotaryTable:
 
 
 class Positions:
-    """What every layer of one forward shares: its positions' rotations, NoPE query scales and masks."""
+    """What every layer of one forward shares: its rows' spans, positions' rotations, NoPE query scales
+    and masks. Uniform forwards (one start, no padding) keep host-side starts; others carry per-row
+    positions as a device tensor `q_pos` [B, L]."""
 
-    def __init__(self, args: ModelArgs, rope: RotaryTable, temps: _GrowingTable | None, start: int, length: int,
+    def __init__(self, args: ModelArgs, rope: RotaryTable, temps: _GrowingTable | None, spans: RowSpans,
                  device: torch.device) -> None:
-        self.start, self.length, self.device = start, length, device
-        # [L, d/2] -> [L, 1, d/2]: broadcast over heads once per forward, not once per layer
-        self.rope = rope(start, length, device)[:, None, :] if any(r.use_rope for r in args.layer_roles) else None
-        self.temps = None if temps is None else temps(start, length, device)[:, None, None]  # [L, 1, 1]
+        self.spans, self.uniform, self.device = spans, spans.uniform, device
+        self.start, self.length = spans.start, spans.width
+        use_rope = any(r.use_rope for r in args.layer_roles)
+        if self.uniform:
+            # [L, d/2] -> [L, 1, d/2]: broadcast over heads once per forward, not once per layer
+            self.rope = rope(self.start, self.length, device)[:, None, :] if use_rope else None
+            self.temps = None if temps is None else temps(self.start, self.length, device)[:, None, None]  # [L, 1, 1]
+        else:
+            self.q_pos = torch.from_numpy(spans.positions()).to(device)  # [B, L]
+            top = int(spans.starts.max()) + spans.width
+            self.rope = rope(0, top, device)[self.q_pos][:, :, None, :] if use_rope else None  # [B, L, 1, d/2]
+            self.temps = None if temps is None else temps(0, top, device)[self.q_pos][..., None, None]  # [B, L, 1, 1]
+            self.last_at = torch.from_numpy(spans.lengths - 1).to(device)  # [B] index of each row's last token
         self._masks: dict[tuple[int, int, int, int, int | None], torch.Tensor] = {}
+
+    def last(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's last real position of x [B, L, ...] -> [B, 1, ...]."""
+        if self.uniform:
+            return x[:, -1:]
+        return x[torch.arange(x.shape[0], device=x.device), self.last_at][:, None]  # [B, 1, ...]
 
     def mask(self, q_start: int, q_len: int, k_start: int, S: int, chunk: int | None) -> torch.Tensor:
         """Bool [q_len, S] (True = may attend), built once per forward for each span and chunking."""
@@ -81,6 +99,16 @@ class Positions:
         if key not in self._masks:
             self._masks[key] = to_device_mask(attention_mask(q_start, q_len, k_start, S, chunk), self.device)
         return self._masks[key]
+
+
+def row_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Bool [B, Lq, S] from query positions [B, Lq] and key positions [B or 1, S]: causal, and within
+    the query's chunk for chunked layers (empty slots sit at EMPTY, after every query)."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = k <= q
+    if chunk is not None:
+        allowed &= (k // chunk) == (q // chunk)
+    return allowed
 
 
 def temperature_table(args: ModelArgs) -> _GrowingTable | None:
@@ -106,8 +134,10 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).to(x.dtype)  # [B, L, heads, d]
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence: q [B, 1, H, d], k/v [B, K, S, d] -> [B, 1, H*d].
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence: q [B, 1, H, d], k/v [B, K, S, d] -> [B, 1, H*d]; `mask` [B, S] (True =
+    may attend) where rows see different keys.
 
     Plain products (query heads grouped by their kv head, no copies of k/v) beat the fused CPU
     kernel several times at one query; the softmax runs in float32 as the fused kernels' does.
@@ -115,11 +145,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     the reduced-precision batched products there (measured at 64 to 2,048 keys).
     """
     if q.device.type == "cpu" and q.dtype != torch.float32:
-        return decode_attention(q.float(), k.float(), v.float(), scale).to(q.dtype)
+        return decode_attention(q.float(), k.float(), v.float(), scale, mask).to(q.dtype)
     B, _, H, d = q.shape
     K = k.shape[1]
     q = q.reshape(B, K, H // K, d)  # [B, 1, H, d] -> [B, K, G, d]: head h reads kv head h // G
     scores = torch.matmul(q * scale, k.transpose(-1, -2))  # [B, K, G, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # mask [B, S] -> [B, 1, 1, S]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.matmul(probs, v).reshape(B, 1, H * d)  # [B, K, G, d] -> [B, 1, H*d]
 
@@ -169,10 +201,18 @@ class Attention(FusedModule):
     def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | ChunkedKVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """[B, L, D] -> [B, L, D]; with `last_only`, keys and values of every position still reach
-        the cache but only the last position attends: [B, 1, D]."""
-        B, L, _ = x.shape
+        the cache but only each row's last position attends: [B, 1, D]."""
         q, k, v = self._project(x, pos)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, L, d]
+        out = (self._attend(q, k, v, pos, cache, last_only) if pos.uniform
+               else self._attend_rows(q, k, v, pos, cache, last_only))  # [B, Lq, H*d]
+        w = self._wo.weight()
+        return self.wo(out) if w is None else linear(out, w)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions,
+                cache: KVCache | ChunkedKVCache | None, last_only: bool) -> torch.Tensor:
+        """Rows together at one start: host-side spans and masks."""
+        B, L = q.shape[:2]
         k_start, q_start = pos.start, pos.start
         if cache is not None:
             k, v, k_start = cache.update_and_fetch(k, v)  # [B, K, S, d]
@@ -180,11 +220,26 @@ class Attention(FusedModule):
             q, q_start, L = q[:, -1:], q_start + L - 1, 1  # [B, 1, H, d]
         S = k.shape[2]
         if L == 1 and (self.chunk is None or k_start // self.chunk == q_start // self.chunk):
-            out = decode_attention(q, k, v, self.head_dim**-0.5)  # every key visible: [B, 1, H*d]
-        else:
-            mask = pos.mask(q_start, L, k_start, S, self.chunk)  # [L, S]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.head_dim**-0.5,
-                                                 enable_gqa=self.n_heads != self.n_kv_heads)  # [B, H, L, d]
-            out = out.transpose(1, 2).reshape(B, L, -1)  # [B, H, L, d] -> [B, L, H*d]
-        w = self._wo.weight()
-        return self.wo(out) if w is None else linear(out, w)
+            return decode_attention(q, k, v, self.head_dim**-0.5)  # every key visible: [B, 1, H*d]
+        mask = pos.mask(q_start, L, k_start, S, self.chunk)  # [L, S]
+        return self._sdpa(q, k, v, mask)
+
+    def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions,
+                     cache: KVCache | ChunkedKVCache | None, last_only: bool) -> torch.Tensor:
+        """Rows at their own positions: masks from query and key positions on the device."""
+        q_pos = k_pos = pos.q_pos  # [B, L]
+        if cache is not None:
+            k, v, k_pos = cache.update_rows(k, v, pos.spans, q_pos)  # [B, K, S, d], positions [B or 1, S]
+        if last_only and q.shape[1] > 1:
+            q, q_pos = pos.last(q), pos.last(q_pos)  # [B, 1, H, d], [B, 1]
+        mask = row_mask(q_pos, k_pos, self.chunk)  # [B, Lq, S]
+        if q.shape[1] == 1:
+            return decode_attention(q, k, v, self.head_dim**-0.5, mask[:, 0])
+        return self._sdpa(q, k, v, mask[:, None])  # [B, 1, Lq, S] over heads
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [B, L, H, d], k/v [B, K, S, d], bool mask broadcastable to [B, H, L, S] -> [B, L, H*d]."""
+        B, L = q.shape[:2]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.head_dim**-0.5,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)  # [B, H, L, d]
+        return out.transpose(1, 2).reshape(B, L, -1)  # [B, H, L, d] -> [B, L, H*d]

@@ -11,6 +11,7 @@ from torch import nn
 
 from common.args import LayerRole, ModelArgs
 from common.datatypes import MaskedEmbedding, TransformerInput, TransformerOutput
+from common.spans import RowSpans
 from torch_backend.attention import Attention, Positions, RotaryTable, rms_norm, temperature_table
 from torch_backend.cache import ChunkedKVCache, KVCache
 from torch_backend.fused import FusedGroup, FusedModule, linear, refresh_fused
@@ -45,7 +46,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, pos: Positions, cache: Cache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """[B, L, D] -> [B, L, D], or [B, 1, D] for the last position alone (the cache gets all)."""
-        h = (x[:, -1:] if last_only else x) + self.attention(self.attention_norm(x), pos, cache, last_only)
+        h = (pos.last(x) if last_only else x) + self.attention(self.attention_norm(x), pos, cache, last_only)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -84,12 +85,12 @@ class Transformer(FusedModule):
                 last_only: bool = False) -> TransformerOutput:
         """Logits [B, L, V] float32; `last_only` computes the last position's alone ([B, 1, V]),
         all a prefill needs."""
-        tokens, position = inputs.tokens, inputs.tokens_position
-        self._check(tokens, position, cache)
+        tokens = inputs.tokens
+        spans = self._check(inputs, cache)
         h = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))  # [B, L, D]
         if inputs.image_embedding is not None:
             h = self._merge_image(h, inputs.image_embedding)
-        pos = Positions(self.args, self.rope, self.temperatures, position, tokens.shape[1], h.device)
+        pos = Positions(self.args, self.rope, self.temperatures, spans, h.device)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             # With last_only, the final layer runs its attention output and feed-forward for one position.
@@ -110,19 +111,15 @@ class Transformer(FusedModule):
         projected = self.vision_projection(image.embedding.to(device=h.device, dtype=h.dtype))  # [B, L, D]
         return torch.where(image.mask.to(device=h.device, dtype=torch.bool), projected, h)
 
-    def _check(self, tokens: torch.Tensor, position: int, cache: list[Cache] | None) -> None:
+    def _check(self, inputs: TransformerInput, cache: list[Cache] | None) -> RowSpans:
+        tokens = inputs.tokens
         if tokens.dim() != 2:
             raise ValueError(f"TransformerInput.tokens: expected [B, L], got shape {list(tokens.shape)}")
-        if position < 0:
-            raise ValueError(f"TransformerInput.tokens_position: must be >= 0, got {position}")
-        end, limit = position + tokens.shape[1], self.args.max_seq_len
-        if end > limit:
-            raise ValueError(f"TransformerInput: tokens_position {position} + length {tokens.shape[1]} = {end} "
-                             f"exceeds max_seq_len {limit}")
-        if cache is None:
-            return
-        if len(cache) != len(self.layers):
-            raise ValueError(f"cache: expected one cache per layer ({len(self.layers)}), got {len(cache)}")
-        if any(c.offset != position for c in cache):
-            raise ValueError(f"TransformerInput.tokens_position {position} must equal the cache offset "
-                             f"{cache[0].offset}")
+        spans = RowSpans.make(inputs.tokens_position, inputs.lengths, tokens.shape[0], tokens.shape[1])
+        spans.check_limit(self.args.max_seq_len)
+        if cache is not None:
+            if len(cache) != len(self.layers):
+                raise ValueError(f"cache: expected one cache per layer ({len(self.layers)}), got {len(cache)}")
+            for c in cache:
+                c.check_spans(spans)
+        return spans
