@@ -46,7 +46,12 @@ def rope_cos_sin(inv_freqs: np.ndarray, start: int, length: int) -> tuple[np.nda
 
 def temperature_scales(start: int, length: int, floor_scale: float, attn_scale: float) -> np.ndarray:
     """Query scale of NoPE layers, [length] float32: 1 + attn_scale * ln(1 + floor((p + 1) / floor_scale))."""
-    pos = np.arange(start, start + length, dtype=np.float64)
+    return temperature_scales_at(np.arange(start, start + length), floor_scale, attn_scale)
+
+
+def temperature_scales_at(positions: np.ndarray, floor_scale: float, attn_scale: float) -> np.ndarray:
+    """`temperature_scales` at any array of absolute positions (same shape, float32)."""
+    pos = np.asarray(positions, dtype=np.float64)
     return (1.0 + attn_scale * np.log1p(np.floor((pos + 1.0) / floor_scale))).astype(np.float32)
 
 

@@ -10,7 +10,8 @@ import mlx.nn as nn
 
 from common.args import LayerRole, ModelArgs
 from common.datatypes import MaskedEmbedding, TransformerInput, TransformerOutput
-from mlx_llm.attention import Attention, rms_norm
+from common.spans import RowSpans
+from mlx_llm.attention import Attention, Positions, rms_norm
 from mlx_llm.cache import ChunkedKVCache, KVCache
 from mlx_llm.moe import FeedForward, MoE
 from mlx_llm.parallel import linear
@@ -45,9 +46,9 @@ class TransformerBlock(nn.Module):
         self.attention.fuse()
         self.feed_forward.fuse()
 
-    def __call__(self, x: mx.array, position: int, cache: Cache | None = None, last_only: bool = False) -> mx.array:
-        """[B, L, D] -> [B, L, D], or [B, 1, D] for the last position alone (the cache gets all)."""
-        h = (x[:, -1:] if last_only else x) + self.attention(self.attention_norm(x), position, cache, last_only)
+    def __call__(self, x: mx.array, pos: Positions, cache: Cache | None = None, last_only: bool = False) -> mx.array:
+        """[B, L, D] -> [B, L, D], or [B, 1, D] for each row's last position alone (the cache gets all)."""
+        h = (pos.last(x) if last_only else x) + self.attention(self.attention_norm(x), pos, cache, last_only)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -88,34 +89,30 @@ class Transformer(nn.Module):
         projected = self.vision_projection(image.embedding.astype(h.dtype))  # [B, L, D]
         return mx.where(image.mask.astype(mx.bool_), projected, h)
 
-    def _check(self, tokens: mx.array, position: int, cache: list[Cache] | None) -> None:
+    def _check(self, inputs: TransformerInput, cache: list[Cache] | None) -> RowSpans:
+        tokens = inputs.tokens
         if tokens.ndim != 2:
             raise ValueError(f"TransformerInput.tokens: expected [B, L], got shape {list(tokens.shape)}")
-        if position < 0:
-            raise ValueError(f"TransformerInput.tokens_position: must be >= 0, got {position}")
-        L, limit = tokens.shape[1], self.args.max_seq_len
-        if position + L > limit:
-            raise ValueError(f"TransformerInput: tokens_position {position} + length {L} = {position + L} "
-                             f"exceeds max_seq_len {limit}")
-        if cache is None:
-            return
-        if len(cache) != len(self.layers):
-            raise ValueError(f"cache: expected one cache per layer ({len(self.layers)}), got {len(cache)}")
-        if any(c.offset != position for c in cache):
-            raise ValueError(f"TransformerInput.tokens_position {position} must equal the cache offset "
-                             f"{cache[0].offset}")
+        spans = RowSpans.make(inputs.tokens_position, inputs.lengths, tokens.shape[0], tokens.shape[1])
+        spans.check_limit(self.args.max_seq_len)
+        if cache is not None:
+            if len(cache) != len(self.layers):
+                raise ValueError(f"cache: expected one cache per layer ({len(self.layers)}), got {len(cache)}")
+            for c in cache:
+                c.check_spans(spans)
+        return spans
 
     def __call__(self, inputs: TransformerInput, cache: list[Cache] | None = None,
                  last_only: bool = False) -> TransformerOutput:
         """Logits [B, L, V] float32; `last_only` computes the last position's alone ([B, 1, V]),
         all a prefill needs."""
-        tokens, position = inputs.tokens, inputs.tokens_position
-        self._check(tokens, position, cache)
+        tokens = inputs.tokens
+        pos = Positions(self.args, self._check(inputs, cache))
         h = self.tok_embeddings(tokens)  # [B, L, D]
         if inputs.image_embedding is not None:
             h = self._merge_image(h, inputs.image_embedding)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             # With last_only, the final layer runs its attention output and feed-forward for one position.
-            h = layer(h, position, None if cache is None else cache[i], last_only and i == last)
+            h = layer(h, pos, None if cache is None else cache[i], last_only and i == last)
         return TransformerOutput(logits=linear(self.output, self.norm(h)).astype(mx.float32))  # [B, L, V]

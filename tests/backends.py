@@ -31,17 +31,22 @@ class TorchBackend:
         model.load_state_dict(state, strict=True)
         return model.to(getattr(torch, dtype)).eval()
 
-    def forward(self, model: Any, tokens: np.ndarray, position: int = 0, cache: Any = None,
-                image_embedding: Any = None) -> np.ndarray:
+    def forward(self, model: Any, tokens: np.ndarray, position: Any = 0, cache: Any = None,
+                image_embedding: Any = None, lengths: Any = None) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
             inp = TransformerInput(tokens=torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
-                                   tokens_position=position, image_embedding=image_embedding)
+                                   tokens_position=position, image_embedding=image_embedding, lengths=lengths)
             out = model(inp, cache=cache)
         return out.logits.float().cpu().numpy()
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return x.detach().float().cpu().numpy()
+
+    def merge_caches(self, parts: list) -> list:
+        from torch_backend.cache import merge_caches
+
+        return merge_caches(parts)
 
     def from_numpy(self, x: np.ndarray) -> Any:
         return self.torch.from_numpy(np.ascontiguousarray(x))
@@ -65,16 +70,21 @@ class MlxBackend:
         mx.eval(model.parameters())
         return model
 
-    def forward(self, model: Any, tokens: np.ndarray, position: int = 0, cache: Any = None,
-                image_embedding: Any = None) -> np.ndarray:
+    def forward(self, model: Any, tokens: np.ndarray, position: Any = 0, cache: Any = None,
+                image_embedding: Any = None, lengths: Any = None) -> np.ndarray:
         mx = self.mx
         inp = TransformerInput(tokens=mx.array(np.asarray(tokens, dtype=np.int32)),
-                               tokens_position=position, image_embedding=image_embedding)
+                               tokens_position=position, image_embedding=image_embedding, lengths=lengths)
         logits = model(inp, cache=cache).logits
         return np.array(logits.astype(mx.float32))
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.array(x.astype(self.mx.float32))
+
+    def merge_caches(self, parts: list) -> list:
+        from mlx_llm.cache import merge_caches
+
+        return merge_caches(parts)
 
     def from_numpy(self, x: np.ndarray) -> Any:
         return self.mx.array(x)
