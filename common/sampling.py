@@ -114,10 +114,75 @@ def sample_numpy(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     logits = np.asarray(logits)
     if logits.ndim != 1:
         raise ValueError(f"sample_numpy expects logits of shape [V], got {logits.shape}")
+    return sample_with_uniform(logits, params, 0.0 if params.greedy else rng.random())
+
+
+def sample_with_uniform(logits: np.ndarray, params: SamplingParams, u: float) -> int:
+    """The reference draw the backends' batched samplers follow: the first id whose cumulative filtered
+    probability (in id order) exceeds u times the total; argmax when greedy."""
+    logits = np.asarray(logits)
     if params.greedy:
         return int(np.argmax(logits))
     probs = softmax(filter_logits(logits, params))
     kept = np.flatnonzero(probs)  # ids still possible, ascending
     cdf = np.cumsum(probs[kept])
-    i = np.searchsorted(cdf, rng.random() * cdf[-1], side="right")
+    i = np.searchsorted(cdf, u * cdf[-1], side="right")
     return int(kept[min(int(i), len(kept) - 1)])
+
+
+_MASK64 = (1 << 64) - 1
+_ENTROPY = np.random.default_rng()
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer: a bijection of 64-bit ints whose outputs look independent."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seeded_uniform(seed: int, index: int) -> float:
+    """The uniform number in [0, 1) of draw `index` of a row seeded with `seed`: a pure function of
+    both, so a row samples the same tokens alone, in any batch, on either backend."""
+    return (_mix64(_mix64(seed & _MASK64) ^ index) >> 11) * 2.0**-53
+
+
+class RowRandom:
+    """The uniform numbers of one generated sequence: seeded (reproducible) or from fresh entropy."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed, self.index = seed, 0
+
+    def next(self) -> float:
+        u = _ENTROPY.random() if self.seed is None else seeded_uniform(self.seed, self.index)
+        self.index += 1
+        return u
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters as arrays [B], for batched samplers on the device."""
+
+    temperature: np.ndarray  # float32, 1 where greedy (the division is then harmless)
+    greedy: np.ndarray  # bool
+    top_k: np.ndarray  # int64, 0 = off
+    top_p: np.ndarray  # float32, 1 = off
+    min_p: np.ndarray  # float32, 0 = off
+
+    @classmethod
+    def of(cls, params: list[SamplingParams]) -> SamplingBatch:
+        greedy = np.array([p.greedy for p in params], dtype=bool)
+        return cls(temperature=np.array([1.0 if p.greedy else p.temperature for p in params], dtype=np.float32),
+                   greedy=greedy, top_k=np.array([p.top_k for p in params], dtype=np.int64),
+                   top_p=np.array([p.top_p for p in params], dtype=np.float32),
+                   min_p=np.array([p.min_p for p in params], dtype=np.float32))
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool(self.greedy.all())
+
+    def uses(self, name: str) -> bool:
+        """Whether any sampled row turns the filter `name` (top_k, top_p, min_p) on."""
+        values = getattr(self, name)[~self.greedy]
+        return bool((values > 0).any() if name != "top_p" else (values < 1).any())

@@ -34,7 +34,8 @@ class Positions:
         if self.uniform:
             self.rope_offset: int | mx.array = self.start
             if tuning:  # [L] -> [L, 1] over [B, H, L, d]
-                self.temps = mx.array(temperature_scales(self.start, self.length, args.floor_scale, args.attn_scale))[:, None]
+                scales = temperature_scales(self.start, self.length, args.floor_scale, args.attn_scale)
+                self.temps = mx.array(scales)[:, None]
         else:
             positions = spans.positions()  # [B, L]
             self.q_pos = mx.array(positions)

@@ -6,34 +6,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from common.datatypes import GenerationResponse, MaskedEmbedding, TransformerInput
 from common.generation import check_prompt, process_peak_memory_gb, stream_responses
 from common.image_prompt import PromptImages, prepare_prompt
-from common.sampling import SamplingParams
+from common.sampling import RowRandom, SamplingBatch, SamplingParams
 from common.tokenizer import Tokenizer
 from mlx_llm.model import Transformer
-
-
-def sample(logits: mx.array, params: SamplingParams, key: mx.array | None) -> mx.array:
-    """Next token ids [B] from float32 logits [B, V]: temperature, then top-k, top-p, min-p."""
-    if params.temperature == 0:
-        return mx.argmax(logits, axis=-1)
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = mx.sort(logits, axis=-1)[..., -params.top_k][..., None]  # [B, 1]
-        logits = mx.where(logits < kth, -mx.inf, logits)
-    probs = mx.softmax(logits, axis=-1)
-    if params.top_p < 1.0:
-        order = mx.argsort(-probs, axis=-1)  # [B, V], descending
-        sorted_p = mx.take_along_axis(probs, order, axis=-1)
-        # Drop a token once the mass before it already exceeds p (the reference's rule).
-        keep_sorted = (mx.cumsum(sorted_p, axis=-1) - sorted_p) <= params.top_p
-        keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
-        probs = mx.where(keep, probs, 0.0)
-    if params.min_p > 0:
-        probs = mx.where(probs < params.min_p * mx.max(probs, axis=-1, keepdims=True), 0.0, probs)
-    return mx.random.categorical(mx.log(probs), axis=-1, key=key)
+from mlx_llm.sample import sample_rows
 
 
 def _image_table(model: Transformer, images: PromptImages | None, prompt_len: int) -> mx.array | None:
@@ -73,14 +54,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
     cache = model.make_cache(1) if cache is None else cache
     position = cache[0].offset
     check_prompt(prompt, model.args.max_seq_len, position)
-    key = mx.random.key(sampling.seed) if sampling.seed is not None else None
-
-    def next_key() -> mx.array | None:
-        nonlocal key
-        if key is None:
-            return None
-        key, sub = mx.random.split(key)
-        return sub
+    rows, rand = SamplingBatch.of([sampling]), RowRandom(sampling.seed)
 
     ids = mx.array([list(prompt)], dtype=mx.int32)  # [1, L]
     table = _image_table(model, images, ids.shape[1])
@@ -91,7 +65,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
         logits = model(inp, cache=cache, last_only=True).logits  # [1, 1, V]: a prefill needs no more
         position += chunk.shape[1]
         mx.eval([a for c in cache for a in (c.keys, c.values) if a is not None])  # bound the lazy graph
-    token = sample(logits[:, -1], sampling, next_key())
+    token = sample_rows(logits[:, -1], rows, np.array([rand.next()]))
     mx.async_eval(token)
     ahead = False
     try:
@@ -99,7 +73,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
             # Build and start the next step before waiting for this token, so Python's work overlaps
             # the computation; the cache runs one position ahead until the token is taken.
             inp = TransformerInput(tokens=token.reshape(1, 1), tokens_position=position)
-            following = sample(model(inp, cache=cache).logits[:, -1], sampling, next_key())
+            following = sample_rows(model(inp, cache=cache).logits[:, -1], rows, np.array([rand.next()]))
             mx.async_eval(following)
             position, ahead = position + 1, True
             yield int(token.item())

@@ -62,8 +62,9 @@ def test_ragged_prefill_then_rows_decode_equal_solo_runs(backend, fixture) -> No
     logits = backend.forward(model, tokens, np.zeros(4, np.int64), cache, lengths=lengths)
     assert max_row_diff(logits, lengths, hf) < TOL
     solo_caches = [model.make_cache(1) for _ in prompts]
+    for p, c in zip(prompts, solo_caches, strict=True):
+        backend.forward(model, p[None], 0, c)
     last = logits[np.arange(4), lengths - 1]  # [B, V]
-    solo_last = np.stack([backend.forward(model, p[None], 0, c)[0, -1] for p, c in zip(prompts, solo_caches)])
     got, positions, worst = [], lengths.copy(), 0.0
     for _ in range(STEPS):
         step = last.argmax(-1)
@@ -89,7 +90,7 @@ def test_padding_never_reaches_the_cache(backend) -> None:
         tokens, lengths = padded(prompts, fill)
         cache = model.make_cache(2)
         backend.forward(model, tokens, 0, cache, lengths=lengths)
-        for role, c in zip(args.layer_roles, cache):
+        for role, c in zip(args.layer_roles, cache, strict=True):
             keys = backend.to_numpy(c.keys)  # [B, K, S, d]
             held = 5 % args.attention_chunk_size if role.chunked else 5  # row 0's real positions in this cache
             assert not keys[0, :, held:].any(), "a padding position reached the cache"
@@ -105,7 +106,7 @@ def test_caches_merge_select_filter_and_rewind_rows(backend) -> None:
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, args.vocab_size, n) for n in (6, 21, 30)]
     singles = [model.make_cache(1) for _ in prompts]
-    for p, c in zip(prompts, singles):
+    for p, c in zip(prompts, singles, strict=True):
         backend.forward(model, p[None], 0, c)
     merged = backend.merge_caches(singles)
     positions = np.array([len(p) for p in prompts])
@@ -140,7 +141,7 @@ def test_ring_holds_one_chunk_per_row_after_long_decodes(backend) -> None:
     for _ in range(5 * args.attention_chunk_size):
         backend.forward(model, np.array([[1], [2]]), positions, cache)
         positions += 1
-    for role, c in zip(args.layer_roles, cache):
+    for role, c in zip(args.layer_roles, cache, strict=True):
         if role.chunked:
             assert c.keys.shape[2] == args.attention_chunk_size  # [B, K, C, d]
 

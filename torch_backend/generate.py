@@ -5,41 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.datatypes import GenerationResponse, MaskedEmbedding, TransformerInput
 from common.generation import check_prompt, process_peak_memory_gb, stream_responses
 from common.image_prompt import PromptImages, prepare_prompt
-from common.sampling import SamplingParams
+from common.sampling import RowRandom, SamplingBatch, SamplingParams
 from common.tokenizer import Tokenizer
 from torch_backend.model import Transformer
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from float32 logits [B, V]: temperature, then top-k, top-p, min-p."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)  # [B, V]
-        # Drop a token once the mass before it already exceeds p (the reference's rule).
-        drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > params.top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-    return torch.multinomial(probs / probs.sum(dim=-1, keepdim=True), 1, generator=generator).squeeze(-1)
-
-
-def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if params.seed is None:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed)
-    return gen
+from torch_backend.sample import sample_rows
 
 
 def _image_table(model: Transformer, images: PromptImages | None, prompt_len: int) -> torch.Tensor | None:
@@ -79,7 +54,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
     position = cache[0].offset
     check_prompt(prompt, model.args.max_seq_len, position)
     device = next(model.parameters()).device
-    gen = _generator(sampling, device)
+    rows, rand = SamplingBatch.of([sampling]), RowRandom(sampling.seed)
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # [1, L]
     with torch.inference_mode():
         table = _image_table(model, images, ids.shape[1])
@@ -89,14 +64,14 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
             inp = TransformerInput(tokens=chunk, tokens_position=position, image_embedding=image)
             logits = model(inp, cache=cache, last_only=True).logits  # [1, 1, V]: a prefill needs no more
             position += chunk.shape[1]
-        token = sample(logits[:, -1], sampling, gen)
+        token = sample_rows(logits[:, -1], rows, np.array([rand.next()]))
     while True:
         yield int(token.item())
         if position >= model.args.max_seq_len:
             return
         with torch.inference_mode():
             inp = TransformerInput(tokens=token.view(1, 1), tokens_position=position)
-            token = sample(model(inp, cache=cache).logits[:, -1], sampling, gen)
+            token = sample_rows(model(inp, cache=cache).logits[:, -1], rows, np.array([rand.next()]))
         position += 1
 
 
