@@ -57,6 +57,10 @@ class CacheRows:
     def _check_rewind(self, new: np.ndarray) -> None:
         """Raise where the cache no longer holds what continuing from `new` needs (every key is kept here)."""
 
+    def can_rewind_to(self, target: int, row: int = 0) -> bool:
+        """Whether row `row` could go back to position `target` (see `rewind`)."""
+        return 0 <= target <= int(self.offsets[row])
+
     def row_index(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Validated row numbers, int64 [n]."""
         idx = host_ints(rows, f"{type(self).__name__} rows").reshape(-1)

@@ -51,3 +51,36 @@ class GenerationResponse:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str | None = None  # "stop", "length" or None while generating
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """One row's news from `BatchGenerator.step`: a token and the text it completed, and the row's end.
+
+    finish_reason: "stop" (a stop token or stop string; neither is in `text`), "length" (max_tokens or
+    the context's end), "error" (`error` says why; the other rows go on), or None while generating.
+    logprob: the model's log-probability of `token`; top_logprobs: the most likely (id, logprob) pairs.
+    """
+
+    uid: int
+    token: int | None
+    text: str
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generation_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One prompt's outcome from `batch_generate`."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    generation_tokens: int
+    cached_tokens: int = 0
