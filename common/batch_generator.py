@@ -74,6 +74,12 @@ class BatchGenerator:
         return {"waiting": len(self._waiting), "prefilling": len(self._prefilling), "running": len(self._running)}
 
     @property
+    def cache_nbytes(self) -> int:
+        """Bytes of key/value storage held for running and prefilling rows."""
+        held = [self._cache or []] + [r.cache or [] for r in self._prefilling]
+        return sum(c.nbytes for caches in held for c in caches)
+
+    @property
     def idle(self) -> bool:
         return not (self._waiting or self._prefilling or self._running)
 

@@ -17,6 +17,12 @@ from common.datatypes import TransformerInput
 class TorchBackend:
     name = "torch"
 
+    @property
+    def module(self) -> Any:
+        import torch_backend
+
+        return torch_backend
+
     def __init__(self) -> None:
         import torch
 
@@ -54,6 +60,12 @@ class TorchBackend:
 
 class MlxBackend:
     name = "mlx"
+
+    @property
+    def module(self) -> Any:
+        import mlx_llm
+
+        return mlx_llm
 
     def __init__(self) -> None:
         import mlx.core as mx
