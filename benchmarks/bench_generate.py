@@ -71,10 +71,11 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def run_child(task: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one task in a fresh interpreter; its JSON result, or {"error": ...} if it failed."""
+def run_child(task: dict[str, Any], timeout: float, module: str = "benchmarks.bench_generate") -> dict[str, Any]:
+    """Run one task in a fresh interpreter (`python -m module --child TASK`); its JSON result, or
+    {"error": ...} if it failed."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "benchmarks.bench_generate", "--child", json.dumps(task)]
+    cmd = [sys.executable, "-m", module, "--child", json.dumps(task)]
     try:
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -95,7 +96,7 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
     return run_variant(task)
 
 
-def _folders(src: Path, work: Path, runs: list[tuple[str, str, str]]) -> dict[tuple[str, str], Path]:
+def folders_for(src: Path, work: Path, runs: list[tuple[str, str, str]]) -> dict[tuple[str, str], Path]:
     """(backend, dtype) -> folder: torch reads the source; MLX reads `apps.convert` output (float32,
     or q8/q4), the layout mlx-lm writes and reads best (row-major [E, out, in] experts)."""
     from apps.convert import convert
@@ -208,7 +209,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             result["membw"] = membw_extra()
         bandwidth = result.get("membw", {}).get("roofline_gbps")
         order = plan(backends, dtypes, not opts.no_peers)
-        runs = _run_rounds(order, _folders(src, work, order), args, opts, "membw" in extras, bandwidth)
+        runs = _run_rounds(order, folders_for(src, work, order), args, opts, "membw" in extras, bandwidth)
         result["runs"], result["ratios"] = runs, ratios(runs)
         if "kv" in extras:
             result["kv_memory"] = kv_extra(backends, opts.timeout)

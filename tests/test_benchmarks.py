@@ -93,3 +93,23 @@ def test_rounds_merge_into_medians_over_every_trial() -> None:
     assert (merged["prefill_tps"], merged["decode_tps"], merged["load_s"]) == (20.0, 2.0, 2.0)
     assert (merged["peak_rss_gb"], merged["membw_gbps"], merged["rounds"]) == (2.0, 25.0, 2)
     assert merge_rounds([{"error": "x"}]) == {"error": "x"}
+
+
+def test_bench_batch_tiny_reports_every_batch_and_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_batch", "--size", "tiny", "--batches", "1,2", "--prompt-tokens",
+           "12", "--gen-tokens", "4", "--runs", "torch:float32,mlx:float32", "--peer-batch", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert "| impl | backend | dtype | batch |" in proc.stderr
+    ours = [r for r in result["runs"] if r["impl"] == "ours"]
+    assert {(r["backend"], r["dtype"]) for r in ours} >= {("torch", "float32")}
+    for r in ours:
+        assert set(r["batches"]) == {"1", "2"}, r
+        for m in r["batches"].values():
+            assert m["tokens"] in (4, 8) and m["decode_tps"] > 0 and m["e2e_tps"] > 0 and m["ttft_p95_s"] > 0
+    for r in result["runs"]:
+        if r["impl"] == "mlx_lm":
+            assert r["sequential"]["tokens"] == 8 and ("batch_generate_s" in r or "batch_generate_error" in r)
+    assert all("decode_vs_batch1" in row for row in result["ratios"])
