@@ -93,6 +93,16 @@ class Positions:
             return x[:, -1:]
         return x[torch.arange(x.shape[0], device=x.device), self.last_at][:, None]  # [B, 1, ...]
 
+    def row_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
+        """`row_mask` for this forward; a decode step's key positions depend only on the layer kind and
+        the key count, so its masks are built once per forward and shared by the layers of a kind."""
+        if self.length != 1:
+            return row_mask(q_pos, k_pos, chunk)
+        key = (-1, 1, -1, k_pos.shape[-1], chunk)
+        if key not in self._masks:
+            self._masks[key] = row_mask(q_pos, k_pos, chunk)
+        return self._masks[key]
+
     def mask(self, q_start: int, q_len: int, k_start: int, S: int, chunk: int | None) -> torch.Tensor:
         """Bool [q_len, S] (True = may attend), built once per forward for each span and chunking."""
         key = (q_start, q_len, k_start, S, chunk)
@@ -232,7 +242,7 @@ class Attention(FusedModule):
             k, v, k_pos = cache.update_rows(k, v, pos.spans, q_pos)  # [B, K, S, d], positions [B or 1, S]
         if last_only and q.shape[1] > 1:
             q, q_pos = pos.last(q), pos.last(q_pos)  # [B, 1, H, d], [B, 1]
-        mask = row_mask(q_pos, k_pos, self.chunk)  # [B, Lq, S]
+        mask = pos.row_mask(q_pos, k_pos, self.chunk)  # [B, Lq, S]
         if q.shape[1] == 1:
             return decode_attention(q, k, v, self.head_dim**-0.5, mask[:, 0])
         return self._sdpa(q, k, v, mask[:, None])  # [B, 1, Lq, S] over heads
