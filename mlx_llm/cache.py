@@ -8,7 +8,7 @@ Keys arrive after RoPE and QK norm, as [B, K, L, d]. The bookkeeping lives in `c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any
 
 import mlx.core as mx
 
@@ -32,20 +32,18 @@ def _write_by_index(store: mx.array, new: mx.array, slots: mx.array) -> None:
     store[mx.arange(store.shape[0]), :, slots] = new[:, :, 0]  # indexed view [B, K, d] <- [B, K, d]
 
 
-C_ = TypeVar("C_", bound="_Storage")
-
-
 class _Storage:
-    """Keys and values [B, K, slots, d] with row selection and stacking; `None` until first written."""
+    """Keys and values [B, K, slots, d] with row selection and stacking; `None` until first written.
+    Mixed into the caches below, beside their `common.cache_rows` bookkeeping (`offsets`, `row_index`)."""
 
     keys: mx.array | None
     values: mx.array | None
-    offsets: object
+    offsets: Any
 
     def _slots_for(self, rows: int) -> int:
         raise NotImplementedError
 
-    def _empty_like(self: C_, batch: int) -> C_:
+    def _empty_like(self, batch: int) -> Any:
         raise NotImplementedError
 
     @property
@@ -54,16 +52,17 @@ class _Storage:
             return 0
         return self.keys.nbytes + self.values.nbytes
 
-    def select(self: C_, rows: Sequence[int]) -> C_:
+    def select(self, rows: Sequence[int]) -> Any:
         """A new cache holding copies of `rows` (in that order); `select([b])` extracts one row."""
-        idx = self.row_index(rows)  # type: ignore[attr-defined]
+        idx = self.row_index(rows)
         out = self._empty_like(len(idx))
-        out.offsets = self.offsets[idx].copy()  # type: ignore[index]
+        out.offsets = self.offsets[idx].copy()
         if self.keys is not None and self.values is not None:
             n = out._slots_for(int(out.offsets.max()))
             at = mx.array(idx)
             out.keys = self.keys[at, :, :n]  # a copy [b, K, n, d]
             out.values = self.values[at, :, :n]
+            mx.eval(out.keys, out.values)  # computed now, so the source's memory can go
         return out
 
     def filter(self, rows: Sequence[int]) -> None:
@@ -71,20 +70,21 @@ class _Storage:
         kept = self.select(rows)
         self.keys, self.values, self.offsets = kept.keys, kept.values, kept.offsets
 
-    def copy(self: C_) -> C_:
-        return self.select(range(len(self.offsets)))  # type: ignore[arg-type]
+    def copy(self) -> Any:
+        return self.select(list(range(len(self.offsets))))
 
     @classmethod
-    def merge(cls: type[C_], parts: Sequence[C_]) -> C_:
+    def merge(cls, parts: Sequence[Any]) -> Any:
         """One cache whose rows are those of `parts`, in order (storage padded to the largest)."""
-        out = parts[0]._empty_like(sum(len(p.offsets) for p in parts))  # type: ignore[arg-type]
+        out = parts[0]._empty_like(sum(len(p.offsets) for p in parts))
         out.offsets = concat_offsets(parts)
         full = [p for p in parts if p.keys is not None]
         if full:
-            n = max(p.keys.shape[2] for p in full)  # type: ignore[union-attr]
+            n = max(p.keys.shape[2] for p in full)
             like = full[0].keys
             out.keys = mx.concatenate([_padded(p.keys, like, len(p.offsets), n) for p in parts], axis=0)  # [B, K, n, d]
             out.values = mx.concatenate([_padded(p.values, full[0].values, len(p.offsets), n) for p in parts], axis=0)
+            mx.eval(out.keys, out.values)  # computed now, so the parts' memory can go
         return out
 
 
