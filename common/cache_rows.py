@@ -27,21 +27,43 @@ class CacheRows:
         self.offsets = np.zeros(batch_size, dtype=np.int64)
 
     @property
+    def offsets(self) -> np.ndarray:
+        """Positions absorbed by each row, int64 [B]."""
+        return self._offsets
+
+    @offsets.setter
+    def offsets(self, value: np.ndarray) -> None:
+        self._offsets = np.asarray(value, dtype=np.int64)
+        first = int(self._offsets[0])
+        # The shared offset as a plain int while rows move together: a decode step of one prompt
+        # checks and advances it without numpy calls.
+        self._same: int | None = first if (self._offsets == first).all() else None
+
+    def advance_together(self, end: int) -> None:
+        """Every row now holds positions 0 .. end-1."""
+        self._offsets[:] = end
+        self._same = end
+
+    @property
     def batch_size(self) -> int:
-        return len(self.offsets)
+        return len(self._offsets)
 
     @property
     def offset(self) -> int:
         """The position every row has reached; an error while rows stand at different positions."""
-        if (self.offsets != self.offsets[0]).any():
+        if self._same is None:
             raise ValueError(f"{type(self).__name__}: rows stand at different positions {self.offsets.tolist()}; "
                              "read `offsets`")
-        return int(self.offsets[0])
+        return self._same
 
     def check_spans(self, spans: RowSpans) -> None:
         if spans.batch != self.batch_size:
             raise ValueError(f"{type(self).__name__}: built for {self.batch_size} row(s), got {spans.batch}")
-        if (spans.starts != self.offsets).any():
+        if spans.uniform and self._same is not None:
+            if spans.start != self._same:
+                raise ValueError(f"TransformerInput.tokens_position {spans.start} must equal the cache offset "
+                                 f"{self._same}")
+        elif (spans.starts != self.offsets).any():
             raise ValueError(f"TransformerInput.tokens_position {spans.starts.tolist()} must equal the cache "
                              f"offsets {self.offsets.tolist()}")
 

@@ -30,12 +30,17 @@ class RowSpans:
     starts: np.ndarray
     lengths: np.ndarray
     width: int
+    uniform: bool = False  # every row starts at the same position and fills the whole width
 
     @classmethod
     def make(cls, position: Any, lengths: Any, batch: int, width: int) -> RowSpans:
         """From `TransformerInput.tokens_position` (an int or [B]) and `.lengths` (None or [B])."""
         if isinstance(position, (int, np.integer)) and not isinstance(position, bool):
+            if position < 0:
+                raise ValueError(f"TransformerInput.tokens_position: must be >= 0, got {position}")
             starts = np.full(batch, int(position), dtype=np.int64)
+            if lengths is None:  # the common case, without array checks
+                return cls(starts, np.full(batch, width, dtype=np.int64), width, True)
         else:
             starts = host_ints(position, "TransformerInput.tokens_position")
             if starts.shape != (batch,):
@@ -44,21 +49,17 @@ class RowSpans:
         if (starts < 0).any():
             raise ValueError(f"TransformerInput.tokens_position: must be >= 0, got {starts.tolist()}")
         if lengths is None:
-            return cls(starts, np.full(batch, width, dtype=np.int64), width)
-        lens = host_ints(lengths, "TransformerInput.lengths")
-        if lens.shape != (batch,) or (lens < 1).any() or (lens > width).any():
-            raise ValueError(f"TransformerInput.lengths: expected {batch} lengths in [1, {width}], "
-                             f"got {lens.tolist()}")
-        return cls(starts, lens, width)
+            lens = np.full(batch, width, dtype=np.int64)
+        else:
+            lens = host_ints(lengths, "TransformerInput.lengths")
+            if lens.shape != (batch,) or (lens < 1).any() or (lens > width).any():
+                raise ValueError(f"TransformerInput.lengths: expected {batch} lengths in [1, {width}], "
+                                 f"got {lens.tolist()}")
+        return cls(starts, lens, width, bool((starts == starts[0]).all() and (lens == width).all()))
 
     @property
     def batch(self) -> int:
         return len(self.starts)
-
-    @property
-    def uniform(self) -> bool:
-        """Every row starts at the same position and fills the whole width."""
-        return bool((self.starts == self.starts[0]).all() and (self.lengths == self.width).all())
 
     @property
     def start(self) -> int:
@@ -75,7 +76,7 @@ class RowSpans:
         return self.starts[:, None] + np.arange(self.width)[None, :]
 
     def check_limit(self, limit: int) -> None:
-        end = int(self.ends.max())
+        end = self.start + self.width if self.uniform else int(self.ends.max())
         if end > limit:
             row = int(self.ends.argmax())
             raise ValueError(f"TransformerInput: row {row} starts at {int(self.starts[row])} with "

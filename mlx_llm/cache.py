@@ -118,7 +118,7 @@ class KVCache(GlobalRows, _Storage):
         self._reserve(keys, values, end)
         self.keys[:, :, offset:end] = keys
         self.values[:, :, offset:end] = values
-        self.offsets[:] = end
+        self.advance_together(end)
         return self.keys[:, :, :end], self.values[:, :, :end], 0  # views [B, K, S, d]
 
     def update_rows(self, keys: mx.array, values: mx.array, spans: RowSpans,
@@ -187,7 +187,7 @@ class ChunkedKVCache(RingRows, _Storage):
             # Still inside the current chunk: write into the ring, then return a view of it.
             self.keys[:, :, held : held + L] = keys
             self.values[:, :, held : held + L] = values
-            self.offsets[:] = offset + L
+            self.advance_together(offset + L)
             return self.keys[:, :, : held + L], self.values[:, :, : held + L], k_start  # [B, K, S, d]
         keys_out = mx.concatenate([self.keys[:, :, :held], keys], axis=2)  # [B, K, held+L, d]
         values_out = mx.concatenate([self.values[:, :, :held], values], axis=2)
@@ -195,7 +195,7 @@ class ChunkedKVCache(RingRows, _Storage):
         n = end - chunk_start(end - 1, C)  # new positions in the last chunk touched, slots 0 .. n-1
         self.keys[:, :, :n] = keys[:, :, L - n :]
         self.values[:, :, :n] = values[:, :, L - n :]
-        self.offsets[:] = end
+        self.advance_together(end)
         return keys_out, values_out, k_start
 
     def update_rows(self, keys: mx.array, values: mx.array, spans: RowSpans,
