@@ -81,3 +81,19 @@ class RowSpans:
             row = int(self.ends.argmax())
             raise ValueError(f"TransformerInput: row {row} starts at {int(self.starts[row])} with "
                              f"{int(self.lengths[row])} tokens, ending at {end}, past max_seq_len {limit}")
+
+
+def check_input(inputs: Any, cache: list | None, n_layers: int, max_seq_len: int) -> RowSpans:
+    """The spans of a `TransformerInput` for a model of `n_layers`, checked against its context and its
+    cache (one per layer, each row's offset equal to its start)."""
+    tokens = inputs.tokens
+    if tokens.ndim != 2:
+        raise ValueError(f"TransformerInput.tokens: expected [B, L], got shape {list(tokens.shape)}")
+    spans = RowSpans.make(inputs.tokens_position, inputs.lengths, tokens.shape[0], tokens.shape[1])
+    spans.check_limit(max_seq_len)
+    if cache is not None:
+        if len(cache) != n_layers:
+            raise ValueError(f"cache: expected one cache per layer ({n_layers}), got {len(cache)}")
+        for c in cache:
+            c.check_spans(spans)
+    return spans

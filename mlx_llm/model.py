@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from common.args import LayerRole, ModelArgs
 from common.datatypes import MaskedEmbedding, TransformerInput, TransformerOutput
-from common.spans import RowSpans
+from common.spans import check_input
 from mlx_llm.attention import Attention, Positions, rms_norm
 from mlx_llm.cache import ChunkedKVCache, KVCache
 from mlx_llm.moe import FeedForward, MoE
@@ -89,25 +89,12 @@ class Transformer(nn.Module):
         projected = self.vision_projection(image.embedding.astype(h.dtype))  # [B, L, D]
         return mx.where(image.mask.astype(mx.bool_), projected, h)
 
-    def _check(self, inputs: TransformerInput, cache: list[Cache] | None) -> RowSpans:
-        tokens = inputs.tokens
-        if tokens.ndim != 2:
-            raise ValueError(f"TransformerInput.tokens: expected [B, L], got shape {list(tokens.shape)}")
-        spans = RowSpans.make(inputs.tokens_position, inputs.lengths, tokens.shape[0], tokens.shape[1])
-        spans.check_limit(self.args.max_seq_len)
-        if cache is not None:
-            if len(cache) != len(self.layers):
-                raise ValueError(f"cache: expected one cache per layer ({len(self.layers)}), got {len(cache)}")
-            for c in cache:
-                c.check_spans(spans)
-        return spans
-
     def __call__(self, inputs: TransformerInput, cache: list[Cache] | None = None,
                  last_only: bool = False) -> TransformerOutput:
         """Logits [B, L, V] float32; `last_only` computes the last position's alone ([B, 1, V]),
         all a prefill needs."""
         tokens = inputs.tokens
-        pos = Positions(self.args, self._check(inputs, cache))
+        pos = Positions(self.args, check_input(inputs, cache, len(self.layers), self.args.max_seq_len))
         h = self.tok_embeddings(tokens)  # [B, L, D]
         if inputs.image_embedding is not None:
             h = self._merge_image(h, inputs.image_embedding)

@@ -11,7 +11,7 @@ from torch import nn
 
 from common.args import LayerRole, ModelArgs
 from common.datatypes import MaskedEmbedding, TransformerInput, TransformerOutput
-from common.spans import RowSpans
+from common.spans import check_input
 from torch_backend.attention import Attention, Positions, RotaryTable, rms_norm, temperature_table
 from torch_backend.cache import ChunkedKVCache, KVCache
 from torch_backend.fused import FusedGroup, FusedModule, linear, refresh_fused
@@ -86,7 +86,7 @@ class Transformer(FusedModule):
         """Logits [B, L, V] float32; `last_only` computes the last position's alone ([B, 1, V]),
         all a prefill needs."""
         tokens = inputs.tokens
-        spans = self._check(inputs, cache)
+        spans = check_input(inputs, cache, len(self.layers), self.args.max_seq_len)
         h = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))  # [B, L, D]
         if inputs.image_embedding is not None:
             h = self._merge_image(h, inputs.image_embedding)
@@ -110,16 +110,3 @@ class Transformer(FusedModule):
                              f"got {list(image.embedding.shape)} and {list(image.mask.shape)}")
         projected = self.vision_projection(image.embedding.to(device=h.device, dtype=h.dtype))  # [B, L, D]
         return torch.where(image.mask.to(device=h.device, dtype=torch.bool), projected, h)
-
-    def _check(self, inputs: TransformerInput, cache: list[Cache] | None) -> RowSpans:
-        tokens = inputs.tokens
-        if tokens.dim() != 2:
-            raise ValueError(f"TransformerInput.tokens: expected [B, L], got shape {list(tokens.shape)}")
-        spans = RowSpans.make(inputs.tokens_position, inputs.lengths, tokens.shape[0], tokens.shape[1])
-        spans.check_limit(self.args.max_seq_len)
-        if cache is not None:
-            if len(cache) != len(self.layers):
-                raise ValueError(f"cache: expected one cache per layer ({len(self.layers)}), got {len(cache)}")
-            for c in cache:
-                c.check_spans(spans)
-        return spans
