@@ -1,0 +1,111 @@
+"""Serve a Llama 4 model over an OpenAI-compatible HTTP API, many requests at once:
+`python -m apps.server [--model PATH] [--port 8080]`.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics (Prometheus). Binds 127.0.0.1 unless --host says otherwise. Ctrl-C or SIGTERM: stop
+taking requests, end the running ones, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from apps.cli import report_errors
+from apps.generate import DEMO_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m apps.server", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEMO_MODEL, help="model folder (default: the bundled demo model)")
+    p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="torch device")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute dtype (default: as stored)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-batch", type=int, default=16, help="rows generated together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429s")
+    p.add_argument("--prompt-cache-gb", type=float, default=2.0, help="prompt cache size (0: off)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="most tokens one choice may ask for")
+    p.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens prefilled per step")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (413 above)")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image (413 above)")
+    p.add_argument("--verbose", action="store_true", help="full tracebacks on errors")
+    return p
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def build_state(args: argparse.Namespace) -> Any:
+    """Load the model and wire the engine, the prompt builder and the metrics together."""
+    from apps.backend import load_runner
+    from apps.server_app import ServerState
+    from apps.server_engine import Engine
+    from apps.server_metrics import Metrics
+    from apps.server_prompt import Limits, PromptBuilder
+    from common.prompt_cache import PromptCache
+
+    runner = load_runner(args.model, args.backend, args.device, args.dtype, show_progress=False)
+    cache = PromptCache(int(args.prompt_cache_gb * 1e9)) if args.prompt_cache_gb > 0 else None
+
+    def make_generator() -> Any:
+        return runner.module.BatchGenerator(runner.model, runner.tokenizer, max_batch=args.max_batch,
+                                            prefill_step_size=args.prefill_step_size, prompt_cache=cache)
+
+    metrics = Metrics()
+    limits = Limits(max_tokens=args.max_tokens_limit, max_seq_len=runner.model.args.max_seq_len,
+                    image_bytes=int(args.max_body_mb * 1e6), image_pixels=args.max_image_pixels)
+    builder = PromptBuilder(runner.tokenizer, runner.model.args.vision_args, limits)
+    return ServerState(engine=Engine(make_generator, args.max_queue, metrics), builder=builder, metrics=metrics,
+                       model_id=Path(args.model).name, created=int(time.time()), api_key=args.api_key,
+                       max_body_bytes=int(args.max_body_mb * 1e6)), runner.backend
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from apps.server_app import create_app
+
+    for name in ("max_batch", "max_queue", "max_tokens_limit", "prefill_step_size", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not _loopback(args.host):
+        print(f"warning: binding {args.host}: the server is reachable from other machines"
+              + ("" if args.api_key else " and has no --api-key"), file=sys.stderr)
+    state, backend = build_state(args)
+    engine = state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.drain()  # open streams end now, so the shutdown does not wait on them
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=10)
+    engine.start()
+    print(f"serving {state.model_id} ({backend}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    try:
+        Server(config).run()
+    finally:
+        engine.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return report_errors(lambda: _serve(args), args.verbose, "interrupted")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
