@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,20 +87,24 @@ def _serve(args: argparse.Namespace) -> int:
               + ("" if args.api_key else " and has no --api-key"), file=sys.stderr)
     state, backend = build_state(args)
     engine = state.engine
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    http = threading.Thread(target=server.run, name="http", daemon=True)  # no signal handlers off the main thread
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            engine.drain()  # open streams end now, so the shutdown does not wait on them
-            super().handle_exit(sig, frame)
+    def stop(sig: int, frame: Any) -> None:
+        engine.drain()  # open streams end now, so the shutdown does not wait on them
+        server.force_exit = server.should_exit  # a second Ctrl-C: at once
+        server.should_exit = True
 
-    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=10)
-    engine.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    http.start()
+    while http.is_alive() and not server.started:
+        time.sleep(0.02)
+    if not server.started:
+        raise RuntimeError(f"could not serve on {args.host}:{args.port} (is the port in use?)")
     print(f"serving {state.model_id} ({backend}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    try:
-        Server(config).run()
-    finally:
-        engine.stop()
+    engine.run(until=lambda: not http.is_alive())  # the model stays in this thread
     return 0
 
 

@@ -103,6 +103,7 @@ class Gate:
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="llama4-local", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Gate, state=state)
 
     @app.exception_handler(RequestError)
     async def refused(_: Request, e: RequestError) -> JSONResponse:

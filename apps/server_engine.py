@@ -1,5 +1,6 @@
-"""The engine: one thread owns the model and runs a `BatchGenerator`; the asyncio side talks to it
-through a command queue, and gets each job's events back on its own asyncio queue.
+"""The engine: one thread owns the model and runs a `BatchGenerator` (the main thread: MLX's streams
+belong to the thread that made them); the asyncio side, in another thread, talks to it through a
+command queue, and gets each request's events back on an asyncio queue of its own.
 
 A job's queue receives, in order: its uid (accepted) or a `RequestError` (refused), then its
 `BatchEvent`s up to one with a finish reason. Cancelling a job removes its row at the next step.
@@ -11,6 +12,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,10 +61,6 @@ class Engine:
         self._queued = 0  # submitted jobs without a first token yet
         self._draining = False
         self._active: dict[int, Ticket] = {}
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def submit(self, jobs: list[Job]) -> list[Ticket]:
         """Queue `jobs` (all or none); raises QueueFull or ShuttingDown. Call from the event loop."""
@@ -88,15 +86,10 @@ class Engine:
             self._draining = True
         self._commands.put(("drain", None))
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self.drain()
-        self._commands.put(("stop", None))
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            if not self._take_commands(block=self.gen.idle):
-                return
+    def run(self, until: Callable[[], bool]) -> None:
+        """Serve in this thread until `until()` is true (checked at least every 0.1 s)."""
+        while not until():
+            self._take_commands(block=self.gen.idle)
             self.metrics.observe_generator(self.gen)
             if self.gen.idle:
                 continue
@@ -109,15 +102,13 @@ class Engine:
                 self._deliver(e)
             self.metrics.observe_generator(self.gen)
 
-    def _take_commands(self, block: bool) -> bool:
-        """Apply queued commands (waiting for one when idle); False once told to stop."""
+    def _take_commands(self, block: bool) -> None:
+        """Apply queued commands (waiting up to 0.1 s for one when idle)."""
         try:
             kind, ticket = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
         except queue.Empty:
-            return True
+            return
         while True:
-            if kind == "stop":
-                return False
             if kind == "insert":
                 for t in ticket:
                     self._insert(t)
@@ -130,7 +121,7 @@ class Engine:
             try:
                 kind, ticket = self._commands.get_nowait()
             except queue.Empty:
-                return True
+                return
 
     def _insert(self, t: Ticket) -> None:
         if self._draining:

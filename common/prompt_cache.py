@@ -34,12 +34,14 @@ def reachable_prefix(caches: Sequence[Any], p: int) -> int:
 
 
 class PromptCache:
-    """An LRU of cache snapshots keyed by token ids, bounded by `max_bytes` of cache storage."""
+    """An LRU of cache snapshots keyed by token ids, bounded by `max_bytes` of cache storage. A shared
+    prefix shorter than `min_prefix` tokens (a lone BOS) is not worth copying an entry: a miss."""
 
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"PromptCache: max_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, min_prefix: int = 8) -> None:
+        if max_bytes < 0 or min_prefix < 1:
+            raise ValueError(f"PromptCache: max_bytes must be >= 0 and min_prefix >= 1, got {max_bytes} and "
+                             f"{min_prefix}")
+        self.max_bytes, self.min_prefix = max_bytes, min_prefix
         self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list, int]] = OrderedDict()
         self.nbytes = 0
         self.hits = self.misses = self.cached_tokens = 0
@@ -66,7 +68,7 @@ class PromptCache:
         """(a copy of the best entry's caches rewound to the shared prefix, that prefix's length),
         or (None, 0). At least the last token of `tokens` is always left to compute."""
         want = np.asarray(tokens, dtype=np.int64)
-        best, best_len = None, 0
+        best, best_len = None, self.min_prefix - 1
         for key, (arr, caches, _) in self._entries.items():
             p = reachable_prefix(caches, min(common_prefix(arr, want), len(want) - 1))
             if p > best_len:
