@@ -5,8 +5,8 @@ free their rows, the prompt cache, stop strings, n with seeds, log-probabilities
 from __future__ import annotations
 
 import base64
-import io
 import importlib
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
