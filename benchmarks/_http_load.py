@@ -19,10 +19,12 @@ from benchmarks._synthetic import prompt_ids
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def requests_for(vocab: int, n: int, prompt_tokens: int, system_tokens: int) -> list[str]:
-    """n word-level prompts (`t12 t7 ...`, one token per word) sharing their first `system_tokens` words."""
-    system = prompt_ids(vocab, system_tokens, seed=1000)
-    return [" ".join(f"t{i}" for i in system + prompt_ids(vocab, prompt_tokens - system_tokens, seed=k))
+def requests_for(vocab: int, n: int, prompt_tokens: int, system_tokens: int, batch: int = 0) -> list[str]:
+    """n word-level prompts (`t12 t7 ...`, one token per word) sharing their first `system_tokens` words
+    with every batch; the rest differs between prompts and between batches (so no prompt cache holds a
+    whole prompt from an earlier batch)."""
+    system = prompt_ids(vocab, system_tokens, seed=10**6)
+    return [" ".join(f"t{i}" for i in system + prompt_ids(vocab, prompt_tokens - system_tokens, seed=batch * n + k))
             for k in range(n)]
 
 
@@ -105,12 +107,14 @@ def server_command(kind: str, folder: str, port: int) -> tuple[list[str], str]:
             "--max-batch", "16", "--max-queue", "256"], "/health"
 
 
-def measure_server(kind: str, folder: str, port: int, prompts: list[str], max_tokens: int, levels: list[int],
+def measure_server(kind: str, folder: str, port: int, batches: list[list[str]], max_tokens: int, levels: list[int],
                    timeout: float) -> dict[str, Any]:
+    """Warm up on batches[0][:2], then level i sends batches[i + 1]."""
     cmd, health = server_command(kind, folder, port)
     server = Served(cmd, port, health)
     try:
-        run_load(server.url, prompts[:2], 4, 2, timeout)  # warm-up
-        return {"server": kind, "levels": [run_load(server.url, prompts, max_tokens, c, timeout) for c in levels]}
+        run_load(server.url, batches[0][:2], 4, 2, timeout)
+        return {"server": kind, "levels": [run_load(server.url, batches[i + 1], max_tokens, c, timeout)
+                                           for i, c in enumerate(levels)]}
     finally:
         server.stop()

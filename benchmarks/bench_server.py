@@ -6,10 +6,11 @@ markdown (stderr).
         [--requests 32] [--prompt-tokens 128] [--system-tokens 64] [--gen-tokens 64] [--concurrency 1,4,8]
         [--json FILE]
 
-Every server gets the same `--requests` streamed completions (word-level prompts of `--prompt-tokens`
-tokens whose first `--system-tokens` are shared, greedy, `--gen-tokens` each), sent by `c` client
-threads over loopback for each concurrency level c. The folder is the synthetic model converted by
-`apps.convert` (float32), which all three servers read. mlx-lm runs `python -m mlx_lm server`.
+Every server gets the same `--requests` streamed completions per concurrency level c (word-level
+prompts of `--prompt-tokens` tokens whose first `--system-tokens` are shared by all, the rest new at
+each level; greedy, `--gen-tokens` each), sent by c client threads over loopback. The folder is the
+synthetic model converted by `apps.convert` (float32), which all three servers read. mlx-lm runs
+`python -m mlx_lm server`.
 """
 
 from __future__ import annotations
@@ -89,12 +90,13 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             folder = convert(write_model(work / "src", synthetic_args(opts.size)), work / "mlx-float32", None,
                              dtype="float32")
         args = read_args(find_checkpoint(folder))
-        prompts = requests_for(args.vocab_size, opts.requests, opts.prompt_tokens, opts.system_tokens)
+        batches = [requests_for(args.vocab_size, opts.requests, opts.prompt_tokens, opts.system_tokens, b)
+                   for b in range(len(levels) + 1)]
         runs = []
         for i, kind in enumerate(kinds):
             print(f"{kind} ...", file=sys.stderr, flush=True)
             try:
-                runs.append(measure_server(kind, str(folder), opts.port + i, prompts, opts.gen_tokens, levels,
+                runs.append(measure_server(kind, str(folder), opts.port + i, batches, opts.gen_tokens, levels,
                                            opts.timeout))
             except Exception as e:  # noqa: BLE001 - a server that fails is recorded, the others still run
                 runs.append({"server": kind, "error": f"{type(e).__name__}: {e}"[:400]})

@@ -113,3 +113,27 @@ def test_bench_batch_tiny_reports_every_batch_and_ratio(tmp_path: Path) -> None:
         if r["impl"] == "mlx_lm":
             assert r["sequential"]["tokens"] == 8 and ("batch_generate_s" in r or "batch_generate_error" in r)
     assert all("decode_vs_batch1" in row for row in result["ratios"])
+
+
+def test_bench_server_tiny_reports_every_level() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.bench_server", "--size", "tiny", "--servers", "ours-torch", "--requests",
+           "3", "--prompt-tokens", "12", "--system-tokens", "6", "--gen-tokens", "4", "--concurrency", "1,2",
+           "--port", "8790"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert "| server | concurrency |" in proc.stderr
+    (run,) = result["runs"]
+    assert run["server"] == "ours-torch" and [x["concurrency"] for x in run["levels"]] == [1, 2]
+    for x in run["levels"]:
+        assert x["requests"] == 3 and x["tokens"] == 12 and x["tokens_per_s"] > 0 and x["ttft_p95_s"] > 0
+    assert "ours-torch_c2_vs_c1" in result["ratios"]
+
+
+def test_server_load_prompts_share_the_system_part_only() -> None:
+    from benchmarks._http_load import requests_for
+
+    a, b = requests_for(100, 3, 10, 4, 0), requests_for(100, 3, 10, 4, 1)
+    words = [p.split() for p in a + b]
+    assert all(len(w) == 10 and w[:4] == words[0][:4] for w in words)
+    assert len({tuple(w[4:]) for w in words}) == 6
