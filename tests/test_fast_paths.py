@@ -126,18 +126,28 @@ def test_torch_fused_storage_follows_dtype_changes_and_assigning_loads() -> None
 
 
 @pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
-def test_torch_per_slot_gathered_and_sorted_experts_agree() -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_grouped_per_slot_gathered_and_sorted_experts_agree(dtype: str) -> None:
     import torch
 
-    experts = TorchBackend().build(ARGS, WEIGHTS).layers[1].feed_forward.experts
-    x = torch.from_numpy(np.random.default_rng(6).standard_normal((3, ARGS.dim)).astype(np.float32))
-    ids = torch.tensor([2, 0, 2])
-    with torch.no_grad():
-        per_slot = experts(x, ids)  # CPU: each slot reads its expert in place
-        gathered = experts._expert(x[:, None, :], ids)[:, 0, :]  # the accelerator path
-        sorted_ = experts._sorted(x, ids)
-    torch.testing.assert_close(per_slot, gathered, atol=1e-6, rtol=0)
-    torch.testing.assert_close(per_slot, sorted_, atol=1e-6, rtol=0)
+    from torch_backend.moe import grouped_experts, grouped_fits
+
+    experts = TorchBackend().build(ARGS, WEIGHTS, dtype).layers[1].feed_forward.experts
+    tol = 1e-6 if dtype == "float32" else 2e-2
+    for n in (3, 40):  # decode-sized and prefill-sized
+        x = torch.from_numpy(np.random.default_rng(n).standard_normal((n, ARGS.dim)).astype(np.float32)).to(
+            getattr(torch, dtype))
+        ids = torch.from_numpy(np.random.default_rng(n + 1).integers(0, ARGS.num_experts, n))
+        with torch.inference_mode():
+            gv, out = experts._fused()
+            assert grouped_fits(x, gv, out)
+            grouped = experts(x, ids)  # the general path: two grouped products
+            reference = grouped_experts(x.float(), ids, gv[:-1].float(), out[:-1].float())
+            per_slot = torch.cat([experts._expert(x[i : i + 1], int(e)) for i, e in enumerate(ids)])
+            gathered = experts._expert(x[:, None, :], ids)[:, 0, :]  # the accelerators' fallback
+            sorted_ = experts._sorted(x, ids)
+        for other in (per_slot, gathered, sorted_, reference):
+            torch.testing.assert_close(grouped.float(), other.float(), atol=tol, rtol=0)
 
 
 @pytest.mark.skipif("mlx" not in available(), reason="mlx is not installed")
