@@ -331,3 +331,30 @@ def test_torch_one_token_runs_its_expert_and_the_shared_one_together(monkeypatch
     assert len(calls) == 8 * len(ARGS.moe_layers)  # every decode step of every MoE layer
     monkeypatch.setattr(moe.Experts, "with_shared", lambda self, *a: None)
     np.testing.assert_allclose(decode(), together, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+def test_torch_long_prefill_attends_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt of many chunks in one call: the chunked layers' score blocks stay within C x C (memory
+    O(L*C)), and the logits equal token-by-token decoding."""
+    import torch.nn.functional as F
+
+    backend, C = TorchBackend(), ARGS.attention_chunk_size
+    model = backend.build(ARGS, WEIGHTS)
+    tokens = np.random.default_rng(3).integers(0, ARGS.vocab_size, (1, 6 * C + 3))
+    cache = model.make_cache(1)
+    steps = [backend.forward(model, tokens[:, i : i + 1], i, cache)[0, 0] for i in range(tokens.shape[1])]
+    blocks, real = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        blocks.append((q.shape[-2], k.shape[-2]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    cache = model.make_cache(1)
+    backend.forward(model, tokens[:, :5], 0, cache)
+    whole = backend.forward(model, tokens[:, 5:], 5, cache)[0]  # from inside the first chunk to the end
+    np.testing.assert_allclose(whole, np.stack(steps[5:]), atol=1e-4, rtol=0)
+    chunked_layers = sum(r.chunked for r in ARGS.layer_roles)
+    assert sum(1 for q, k in blocks if q <= C and k <= C) >= 7 * chunked_layers  # 7 chunks touched per layer
+    assert max(q * k for q, k in blocks if q <= C) <= C * C

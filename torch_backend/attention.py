@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.args import LayerRole, ModelArgs
-from common.rope import attention_mask, rope_cos_sin, rope_inv_freqs, temperature_scales
+from common.rope import attention_mask, chunk_start, rope_cos_sin, rope_inv_freqs, temperature_scales
 from common.spans import RowSpans
 from torch_backend.cache import ChunkedKVCache, KVCache
 from torch_backend.device import to_device_mask
@@ -228,11 +228,33 @@ class Attention(FusedModule):
             k, v, k_start = cache.update_and_fetch(k, v)  # [B, K, S, d]
         if last_only and L > 1:
             q, q_start, L = q[:, -1:], q_start + L - 1, 1  # [B, 1, H, d]
-        S = k.shape[2]
         if L == 1 and (self.chunk is None or k_start // self.chunk == q_start // self.chunk):
             return decode_attention(q, k, v, self.head_dim**-0.5)  # every key visible: [B, 1, H*d]
-        mask = pos.mask(q_start, L, k_start, S, self.chunk)  # [L, S]
-        return self._sdpa(q, k, v, mask)
+        if self.chunk is not None and k_start // self.chunk != (q_start + L - 1) // self.chunk:
+            return self._attend_by_chunk(q, k, v, pos, q_start, k_start)
+        return self._attend_span(q, k, v, pos, q_start, k_start)
+
+    def _attend_by_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions, q_start: int,
+                         k_start: int) -> torch.Tensor:
+        """Each chunk's queries against that chunk's keys alone: memory O(L*C), not O(L*S), for a long
+        prompt (the keys of positions k_start .. q_start+L-1 are k's)."""
+        C, end, outs = self.chunk, q_start + q.shape[1], []
+        a = q_start
+        while a < end:
+            first = chunk_start(a, C)
+            b = min(first + C, end)
+            keys = slice(first - k_start, b - k_start)  # this chunk's keys, up to its last query
+            outs.append(self._attend_span(q[:, a - q_start : b - q_start], k[:, :, keys], v[:, :, keys], pos, a,
+                                          first))  # [B, b-a, H*d]
+            a = b
+        return torch.cat(outs, dim=1)
+
+    def _attend_span(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions, q_start: int,
+                     k_start: int) -> torch.Tensor:
+        """Causal attention of queries from q_start over keys from k_start (no chunk rule needed)."""
+        if q_start == k_start and q.shape[1] == k.shape[2]:
+            return self._sdpa(q, k, v, None)  # plain causal: the flash kernels where there are some
+        return self._sdpa(q, k, v, pos.mask(q_start, q.shape[1], k_start, k.shape[2], self.chunk))  # [L, S]
 
     def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions,
                      cache: KVCache | ChunkedKVCache | None, last_only: bool) -> torch.Tensor:
@@ -247,9 +269,11 @@ class Attention(FusedModule):
             return decode_attention(q, k, v, self.head_dim**-0.5, mask[:, 0])
         return self._sdpa(q, k, v, mask[:, None])  # [B, 1, Lq, S] over heads
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [B, L, H, d], k/v [B, K, S, d], bool mask broadcastable to [B, H, L, S] -> [B, L, H*d]."""
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B, L, H, d], k/v [B, K, S, d], bool mask broadcastable to [B, H, L, S] (None: causal with
+        L == S) -> [B, L, H*d]."""
         B, L = q.shape[:2]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.head_dim**-0.5,
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=self.head_dim**-0.5,
                                              enable_gqa=self.n_heads != self.n_kv_heads)  # [B, H, L, d]
         return out.transpose(1, 2).reshape(B, L, -1)  # [B, H, L, d] -> [B, L, H*d]
