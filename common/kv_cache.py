@@ -138,16 +138,31 @@ class KVCache(GlobalRows, _Storage):
         self.check_spans(spans)
         end = int(spans.ends.max())
         self._reserve(keys, values, end)
-        if spans.width == 1:  # decode: one scatter at each row's position
-            self.ops.write_by_index(self.keys, keys, q_pos[:, 0])
-            self.ops.write_by_index(self.values, values, q_pos[:, 0])
-            end = self.keys.shape[2]  # every slot, so the shapes stay fixed between growths
-        else:
-            for b, (start, n) in enumerate(zip(spans.starts.tolist(), spans.lengths.tolist(), strict=True)):
-                self.keys[b, :, start : start + n] = keys[b, :, :n]  # padding never reaches the cache
-                self.values[b, :, start : start + n] = values[b, :, :n]
+        if spans.width == 1:
+            out = self.decode_write(keys, values, q_pos)
+            self.offsets = spans.ends
+            return out
+        for b, (start, n) in enumerate(zip(spans.starts.tolist(), spans.lengths.tolist(), strict=True)):
+            self.keys[b, :, start : start + n] = keys[b, :, :n]  # padding never reaches the cache
+            self.values[b, :, start : start + n] = values[b, :, :n]
         self.offsets = spans.ends
         return self.keys[:, :, :end], self.values[:, :, :end], self.ops.arange(end, q_pos)[None]  # k_pos [1, S]
+
+    def decode_write(self, keys: Any, values: Any, q_pos: Any) -> tuple[Any, Any, Any]:
+        """One new position per row (q_pos [B, 1], on the device), written by index; keys and values of
+        every slot and their positions [1, S]. Fixed shapes and no host reads or writes: the caller
+        keeps `offsets` and has reserved the slots (`reserve`)."""
+        self.ops.write_by_index(self.keys, keys, q_pos[:, 0])
+        self.ops.write_by_index(self.values, values, q_pos[:, 0])
+        return self.keys, self.values, self.ops.arange(self.keys.shape[2], q_pos)[None]  # causality hides the rest
+
+    def reserve(self, end: int, like: Any) -> bool:
+        """Slots for positions 0 .. end-1 (`like`: any [*, K, *, d] array of the cache's dtype and device);
+        whether the storage was reallocated."""
+        if self.keys is not None and end <= self.keys.shape[2]:
+            return False
+        self._reserve(like, like, end)
+        return True
 
     def _reserve(self, keys: Any, values: Any, end: int) -> None:
         if self.keys is not None and end <= self.keys.shape[2]:
@@ -211,14 +226,11 @@ class ChunkedKVCache(RingRows, _Storage):
         [B, K, S, d] with their positions [B, S] (EMPTY where a slot holds nothing visible)."""
         _check_batch(keys, self.batch_size, type(self).__name__)
         self.check_spans(spans)
-        C = self.chunk_size
         self._reserve(keys, values)
-        if spans.width == 1:  # decode: write slot p % C of each row, then attend over the ring
-            self.ops.write_by_index(self.keys, keys, q_pos[:, 0] % C)
-            self.ops.write_by_index(self.values, values, q_pos[:, 0] % C)
+        if spans.width == 1:
+            out = self.decode_write(keys, values, q_pos)
             self.offsets = spans.ends
-            # slot s holds chunk_start(p) + s up to p; later slots are stale and causally hidden
-            return self.keys, self.values, q_pos // C * C + self.ops.arange(C, q_pos)[None]  # k_pos [B, C]
+            return out
         held = self.ops.from_numpy(self.held_positions(), q_pos)  # [B, C]
         keys_out = self.ops.cat([self.keys, keys], 2)  # [B, K, C+L, d]
         values_out = self.ops.cat([self.values, values], 2)
@@ -228,6 +240,21 @@ class ChunkedKVCache(RingRows, _Storage):
         self.offsets = spans.ends
         return keys_out, values_out, self.ops.cat([held, q_pos], 1)  # k_pos [B, C+L]
 
+    def decode_write(self, keys: Any, values: Any, q_pos: Any) -> tuple[Any, Any, Any]:
+        """One new position per row (q_pos [B, 1], on the device) into slot p % C; the ring and its
+        positions [B, C]. Fixed shapes and no host reads or writes (the caller keeps `offsets`)."""
+        C = self.chunk_size
+        self.ops.write_by_index(self.keys, keys, q_pos[:, 0] % C)
+        self.ops.write_by_index(self.values, values, q_pos[:, 0] % C)
+        # slot s holds chunk_start(p) + s up to p; later slots are stale and causally hidden
+        return self.keys, self.values, q_pos // C * C + self.ops.arange(C, q_pos)[None]  # k_pos [B, C]
+
+    def reserve(self, end: int, like: Any) -> bool:
+        """The ring's slots (`like` as for `KVCache.reserve`); whether they were allocated now."""
+        if self.keys is not None:
+            return False
+        self._reserve(like, like)
+        return True
 
 def merge_caches(parts: Sequence[list]) -> list:
     """Per-layer caches whose rows are those of `parts` (each a model's list of layer caches), in order."""

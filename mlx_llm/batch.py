@@ -41,6 +41,9 @@ class MlxBatchOps:
     def select(self, caches: list, rows: Sequence[int]) -> list:
         return [c.select(rows) for c in caches]
 
+    def filter(self, caches: list, rows: Sequence[int]) -> list:
+        return self.select(caches, rows)
+
     def image_table(self, images: PromptImages, prompt_len: int) -> mx.array:
         return _image_table(self.model, images, prompt_len)
 

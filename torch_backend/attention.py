@@ -39,6 +39,7 @@ class _GrowingTable:
         self.rows: torch.Tensor | None = None
 
     def __call__(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        """Rows start .. start+length-1, growing the table first where it is short."""
         end = start + length
         if self.rows is None or self.rows.device != device or end > self.rows.shape[0]:
             size = min(max(end, 256, 2 * (0 if self.rows is None else self.rows.shape[0])), max(self.limit, end))
@@ -64,6 +65,11 @@ class RotaryTable:
     def __call__(self, position: int, length: int, device: torch.device) -> torch.Tensor:
         return self._table(position, length, device)
 
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """Every row computed so far (positions 0 .. n-1), [n, d/2]."""
+        return self._table.rows
+
 
 class Positions:
     """What every layer of one forward shares: its rows' spans, positions' rotations, NoPE query scales
@@ -86,6 +92,20 @@ class Positions:
             self.temps = None if temps is None else temps(0, top, device)[self.q_pos][..., None, None]  # [B, L, 1, 1]
             self.last_at = torch.from_numpy(spans.lengths - 1).to(device)  # [B] index of each row's last token
         self._masks: dict[tuple[int, int, int, int, int | None], torch.Tensor] = {}
+
+    @classmethod
+    def for_decode(cls, args: ModelArgs, rope: RotaryTable, temps: _GrowingTable | None,
+                   positions: torch.Tensor) -> Positions:
+        """One position per row from a device tensor [B], without host reads (the fixed-shape decode
+        step); the tables must already hold these positions (`Transformer.prepare_decode`)."""
+        self = cls.__new__(cls)
+        self.spans, self.uniform, self.device, self.start, self.length = None, False, positions.device, -1, 1
+        self.q_pos = positions[:, None]  # [B] -> [B, 1]
+        use_rope = any(r.use_rope for r in args.layer_roles)
+        self.rope = rope.rows[self.q_pos][:, :, None, :] if use_rope else None  # [B, 1, 1, d/2]
+        self.temps = None if temps is None else temps.rows[self.q_pos][..., None, None]  # [B, 1, 1, 1]
+        self._masks = {}
+        return self
 
     def last(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's last real position of x [B, L, ...] -> [B, 1, ...]."""
@@ -260,8 +280,10 @@ class Attention(FusedModule):
                      cache: KVCache | ChunkedKVCache | None, last_only: bool) -> torch.Tensor:
         """Rows at their own positions: masks from query and key positions on the device."""
         q_pos = k_pos = pos.q_pos  # [B, L]
-        if cache is not None:
-            k, v, k_pos = cache.update_rows(k, v, pos.spans, q_pos)  # [B, K, S, d], positions [B or 1, S]
+        if cache is not None and pos.spans is None:  # the fixed-shape decode step: the caller keeps the offsets
+            k, v, k_pos = cache.decode_write(k, v, q_pos)  # [B, K, S, d], positions [B or 1, S]
+        elif cache is not None:
+            k, v, k_pos = cache.update_rows(k, v, pos.spans, q_pos)
         if last_only and q.shape[1] > 1:
             q, q_pos = pos.last(q), pos.last(q_pos)  # [B, 1, H, d], [B, 1]
         mask = pos.row_mask(q_pos, k_pos, self.chunk)  # [B, Lq, S]

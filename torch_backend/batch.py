@@ -20,23 +20,41 @@ from common.sampling import SamplingBatch, SamplingParams
 from common.tokenizer import Tokenizer
 from torch_backend.cache import merge_caches
 from torch_backend.generate import _image_table
+from torch_backend.graphs import DecodeRunner, RowPool
 from torch_backend.model import Transformer
 from torch_backend.sample import sample_rows, token_logprobs
 
 
 class TorchBatchOps:
-    def __init__(self, model: Transformer) -> None:
+    """With `pooled` (on CUDA with graphs on), the running rows live in a `RowPool` and decode through
+    `DecodeRunner`'s graphs; otherwise in plain batch caches, decoded by the model's forward."""
+
+    def __init__(self, model: Transformer, max_batch: int, pooled: bool | None = None) -> None:
         self.model = model
         self.device = next(model.parameters()).device
+        self.pooled = model.cuda_graphs and self.device.type == "cuda" if pooled is None else pooled
+        self.max_batch = max_batch
+        self.runner = DecodeRunner(model, graphs=model.cuda_graphs) if self.pooled else None
 
     def make_cache(self) -> list:
         return self.model.make_cache(1)
 
-    def merge(self, parts: Sequence[list]) -> list:
-        return merge_caches(parts)
+    def merge(self, parts: Sequence[Any]) -> Any:
+        if not self.pooled:
+            return merge_caches(parts)
+        pool = parts[0] if isinstance(parts[0], RowPool) else RowPool(self.model, self.max_batch)
+        for part in parts[1:] if parts[0] is pool else parts:
+            pool.admit([[c.select([i]) for c in part] for i in range(part[0].batch_size)])
+        return pool
 
-    def select(self, caches: list, rows: Sequence[int]) -> list:
-        return [c.select(rows) for c in caches]
+    def select(self, caches: Any, rows: Sequence[int]) -> list:
+        return caches.select(rows) if isinstance(caches, RowPool) else [c.select(rows) for c in caches]
+
+    def filter(self, caches: Any, rows: Sequence[int]) -> Any:
+        if isinstance(caches, RowPool):
+            caches.keep(list(rows))
+            return caches
+        return self.select(caches, rows)
 
     def image_table(self, images: PromptImages, prompt_len: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -69,9 +87,13 @@ class TorchBatchOps:
                 mask[b, :, 0] = torch.from_numpy(rows < pics.n_rows)
         return MaskedEmbedding(embedding=emb, mask=mask)
 
-    def decode(self, caches: list, tokens: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        inp = TransformerInput(tokens=tokens[:, None], tokens_position=positions)  # tokens [B] -> [B, 1]
+    def decode(self, caches: Any, tokens: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
+            if isinstance(caches, RowPool):
+                logits = self.runner(caches.caches, caches.n, tokens, positions)  # [B, V]
+                caches.advance(positions)
+                return logits
+            inp = TransformerInput(tokens=tokens[:, None], tokens_position=positions)  # tokens [B] -> [B, 1]
             return self.model(inp, cache=caches).logits[:, 0]  # [B, V]
 
     def sample(self, logits: torch.Tensor, rows: SamplingBatch, uniforms: np.ndarray) -> torch.Tensor:
@@ -97,7 +119,8 @@ class BatchGenerator(batch_generator.BatchGenerator):
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16, prefill_step_size: int = 512,
                  prompt_cache: PromptCache | None = None) -> None:
-        super().__init__(model, tokenizer, max_batch, prefill_step_size, prompt_cache, ops=TorchBatchOps(model))
+        super().__init__(model, tokenizer, max_batch, prefill_step_size, prompt_cache,
+                         ops=TorchBatchOps(model, max_batch))
 
 
 def batch_generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],

@@ -66,6 +66,7 @@ class Transformer(FusedModule):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryTable(args)
         self.temperatures = temperature_table(args)
+        self.cuda_graphs = True  # decode through CUDA graphs where the model is on CUDA (`load(cuda_graphs=...)`)
         self._output = FusedGroup([(self.output, "weight")])
         self.register_load_state_dict_post_hook(lambda model, _: refresh_fused(model))
         if args.vision_args is not None:
@@ -98,6 +99,32 @@ class Transformer(FusedModule):
         h = self.norm(h)
         w = self._output.weight()
         return TransformerOutput(logits=(self.output(h) if w is None else linear(h, w)).float())  # [B, L, V]
+
+    def prepare_decode(self, cache: list[Cache], end: int, ahead: int = 0) -> bool:
+        """Room for `decode_rows` up to position end-1, made outside the step: the RoPE and temperature
+        tables and every cache's slots; what has to grow grows for `ahead` more positions. Whether any
+        of them moved (a graph captured over them is then stale)."""
+        device, dtype = self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype
+        like = torch.empty((1, self.args.n_kv_heads, 0, self.args.head_dim), dtype=dtype, device=device)
+        tables = [t for t in (self.rope, self.temperatures) if t is not None]
+        before = [None if t.rows is None else t.rows.data_ptr() for t in tables]
+        for t in tables:
+            if t.rows is None or t.rows.device != device or t.rows.shape[0] < end:
+                t(0, end + ahead, device)
+        moved = [c.reserve(end + ahead, like) for c in cache if c.keys is None or c.keys.shape[2] < end]
+        return any(moved) or before != [t.rows.data_ptr() for t in tables]
+
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache: list[Cache]) -> torch.Tensor:
+        """One decode step for B rows, each at its own position: tokens [B] and positions [B] (device
+        tensors) -> logits [B, V] float32. Fixed shapes, no host reads or writes (the caller keeps the
+        caches' offsets and made room with `prepare_decode`), so the step can be captured as a CUDA graph."""
+        h = self.tok_embeddings(tokens[:, None])  # [B] -> [B, 1, D]
+        pos = Positions.for_decode(self.args, self.rope, self.temperatures, positions)
+        for layer, c in zip(self.layers, cache, strict=True):
+            h = layer(h, pos, c)
+        h = self.norm(h)
+        w = self._output.weight()
+        return (self.output(h) if w is None else linear(h, w))[:, 0].float()  # [B, 1, V] -> [B, V]
 
     def _merge_image(self, h: torch.Tensor, image: MaskedEmbedding) -> torch.Tensor:
         """Token embeddings with the projected image features at the masked (`<|patch|>`) rows."""

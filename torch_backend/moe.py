@@ -16,6 +16,9 @@ from torch_backend.fused import FusedGroup, FusedModule, linear
 # Up to this many token slots (decode) each slot reads its own expert's weights directly; larger
 # inputs are sorted by expert and run expert by expert.
 GATHER_MAX_SLOTS = 4
+# Where grouped products are not available, accelerators gather up to this many slots' weights
+# (a decode step of up to 16 rows of top-4), so decoding never waits on the host.
+GATHER_MAX_SLOTS_ACCELERATOR = 64
 
 
 def swiglu(gate_value: torch.Tensor) -> torch.Tensor:
@@ -52,9 +55,14 @@ class FeedForward(FusedModule):
 
 
 def grouped_fits(x: torch.Tensor, gv: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes these operands: present in this torch, autograd off, one dtype,
-    and every row of x and of the weights a multiple of 16 bytes long (its alignment rule)."""
+    """Whether `torch._grouped_mm` takes these operands: present in this torch, autograd off, one dtype
+    (on CUDA: bfloat16 on compute capability 9.0 or newer, what its kernels cover), and every row of x
+    and of the weights a multiple of 16 bytes long (its alignment rule)."""
     if not hasattr(torch, "_grouped_mm") or torch.is_grad_enabled() or not (x.dtype == gv.dtype == out.dtype):
+        return False
+    if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
+        return False
+    if x.device.type not in ("cpu", "cuda"):
         return False
     size = x.element_size()
     return all(n * size % 16 == 0 for n in (gv.shape[-1], gv.shape[-2], out.shape[-2]))
@@ -70,7 +78,10 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, gate_value: torch.Te
     slots in 0.72 ms against 2.9 for products over gathered weights.
     """
     order = torch.argsort(experts, stable=True)  # [N]: slots grouped by expert
-    ends = torch.cumsum(torch.bincount(experts, minlength=gate_value.shape[0]), 0).to(torch.int32)  # [E]
+    # Counts by index_add (bincount sizes its output from the data, a host read on accelerators).
+    counts = torch.zeros(gate_value.shape[0], dtype=torch.int32, device=x.device)
+    counts.index_add_(0, experts, torch.ones_like(experts, dtype=torch.int32))
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] one past each expert's last slot
     h = swiglu(torch._grouped_mm(x[order], gate_value.mT, offs=ends))  # [N, 2F] -> [N, F]
     y = torch._grouped_mm(h, out.mT, offs=ends)  # [N, D] in expert order
     return torch.empty_like(y).index_copy_(0, order, y)  # rows back in slot order
@@ -132,14 +143,14 @@ class Experts(nn.Module):
         gv, out = self._fused()
         if gv is not None and out is not None and grouped_fits(x, gv, out):
             return grouped_experts(x, experts, gv[:-1], out[:-1])  # entries 0 .. E-1 (E is the shared expert)
-        if experts.numel() > GATHER_MAX_SLOTS:
-            return self._sorted(x, experts)
-        if x.device.type == "cpu":
-            # On the CPU reading the ids costs nothing, and each slot reads its expert's weights in place.
-            rows = [self._expert(x[i : i + 1], e) for i, e in enumerate(experts.tolist())]  # [1, D] each
-            return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(x.dtype)
-        # On accelerators, gather the slots' experts instead of synchronising on the ids.
-        return self._expert(x[:, None, :], experts)[:, 0, :].to(x.dtype)  # [N, 1, D] -> [N, D]
+        if x.device.type != "cpu" and experts.numel() <= GATHER_MAX_SLOTS_ACCELERATOR:
+            # Decoding on accelerators: gather the slots' experts instead of synchronising on the ids.
+            return self._expert(x[:, None, :], experts)[:, 0, :].to(x.dtype)  # [N, 1, D] -> [N, D]
+        if experts.numel() > GATHER_MAX_SLOTS or x.device.type != "cpu":
+            return self._sorted(x, experts)  # a prefill where grouped products are missing: a loop over experts
+        # On the CPU reading the ids costs nothing, and each slot reads its expert's weights in place.
+        rows = [self._expert(x[i : i + 1], e) for i, e in enumerate(experts.tolist())]  # [1, D] each
+        return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(x.dtype)
 
     def _sorted(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
