@@ -30,8 +30,9 @@ class BatchOps(Protocol):
 
     def make_cache(self) -> list: ...
     def merge(self, parts: Sequence[list]) -> list: ...
+    def join(self, running: Any, rows: Sequence[list]) -> Any: ...
     def select(self, caches: list, rows: Sequence[int]) -> list: ...
-    def filter(self, caches: list, rows: Sequence[int]) -> list: ...
+    def filter(self, caches: Any, rows: Sequence[int]) -> Any: ...
     def image_table(self, images: PromptImages, prompt_len: int) -> Any: ...
     def prefill(self, caches: list, chunks: list[list[int]], starts: np.ndarray,
                 images: list[tuple[Any, PromptImages, int] | None]) -> Any: ...
@@ -150,11 +151,8 @@ class BatchGenerator:
         keep = [i for i in range(len(self._running)) if i not in set(rows)]
         self._running = [self._running[i] for i in keep]
         self._sampling = None
-        if not keep:
-            self._cache = self._tokens = None
-            return
-        self._cache = self.ops.filter(self._cache, keep)
-        self._tokens = self.ops.take(self._tokens, keep)
+        self._cache = self.ops.filter(self._cache, keep)  # None, or an empty pool kept for the next rows
+        self._tokens = self.ops.take(self._tokens, keep) if keep else None
 
     def _remember(self, rows: list[Row], caches: list) -> None:
         """Offer finished rows' caches (holding the prompt and all generated tokens but the last) for reuse."""
@@ -219,8 +217,7 @@ class BatchGenerator:
         events = self._accept(starting, logits, tokens)
         going = [i for i, e in enumerate(events) if e.finish_reason is None]
         if going:
-            joined = [starting[i].cache for i in going]
-            self._cache = self.ops.merge(([self._cache] if self._cache is not None else []) + joined)
+            self._cache = self.ops.join(self._cache, [starting[i].cache for i in going])
             new = self.ops.take(tokens, going)
             self._tokens = new if self._tokens is None else self.ops.concat([self._tokens, new])
             self._running += [starting[i] for i in going]

@@ -41,8 +41,11 @@ class MlxBatchOps:
     def select(self, caches: list, rows: Sequence[int]) -> list:
         return [c.select(rows) for c in caches]
 
-    def filter(self, caches: list, rows: Sequence[int]) -> list:
-        return self.select(caches, rows)
+    def join(self, running: list | None, rows: Sequence[list]) -> list:
+        return merge_caches(([running] if running is not None else []) + list(rows))
+
+    def filter(self, caches: list, rows: Sequence[int]) -> list | None:
+        return self.select(caches, rows) if rows else None
 
     def image_table(self, images: PromptImages, prompt_len: int) -> mx.array:
         return _image_table(self.model, images, prompt_len)

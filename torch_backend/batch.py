@@ -39,12 +39,15 @@ class TorchBatchOps:
     def make_cache(self) -> list:
         return self.model.make_cache(1)
 
-    def merge(self, parts: Sequence[Any]) -> Any:
+    def merge(self, parts: Sequence[list]) -> list:
+        return merge_caches(parts)
+
+    def join(self, running: Any, rows: Sequence[list]) -> Any:
+        """The running batch with `rows` (single-row caches) after its rows."""
         if not self.pooled:
-            return merge_caches(parts)
-        pool = parts[0] if isinstance(parts[0], RowPool) else RowPool(self.model, self.max_batch)
-        for part in parts[1:] if parts[0] is pool else parts:
-            pool.admit([[c.select([i]) for c in part] for i in range(part[0].batch_size)])
+            return merge_caches(([running] if running is not None else []) + list(rows))
+        pool = running if running is not None else RowPool(self.model, self.max_batch)
+        pool.admit(rows)
         return pool
 
     def select(self, caches: Any, rows: Sequence[int]) -> list:
@@ -52,9 +55,9 @@ class TorchBatchOps:
 
     def filter(self, caches: Any, rows: Sequence[int]) -> Any:
         if isinstance(caches, RowPool):
-            caches.keep(list(rows))
+            caches.keep(list(rows))  # kept when empty: its storage and graphs serve the next rows
             return caches
-        return self.select(caches, rows)
+        return self.select(caches, rows) if rows else None
 
     def image_table(self, images: PromptImages, prompt_len: int) -> torch.Tensor:
         with torch.inference_mode():

@@ -13,6 +13,7 @@ from common.generation import check_prompt, process_peak_memory_gb, stream_respo
 from common.image_prompt import PromptImages, prepare_prompt
 from common.sampling import RowRandom, SamplingBatch, SamplingParams
 from common.tokenizer import Tokenizer
+from torch_backend.graphs import DecodeRunner
 from torch_backend.model import Transformer
 from torch_backend.sample import sample_rows
 
@@ -65,13 +66,21 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
             logits = model(inp, cache=cache, last_only=True).logits  # [1, 1, V]: a prefill needs no more
             position += chunk.shape[1]
         token = sample_rows(logits[:, -1], rows, np.array([rand.next()]))
+    # On CUDA the decode step replays a CUDA graph (captured over this cache on first use).
+    graphs = DecodeRunner(model, graphs=True) if device.type == "cuda" and model.cuda_graphs else None
     while True:
         yield int(token.item())
         if position >= model.args.max_seq_len:
             return
         with torch.inference_mode():
-            inp = TransformerInput(tokens=token.view(1, 1), tokens_position=position)
-            token = sample_rows(model(inp, cache=cache).logits[:, -1], rows, np.array([rand.next()]))
+            if graphs is not None:
+                logits = graphs(cache, 1, token.view(1), np.array([position]))  # [1, V]
+                for c in cache:
+                    c.offsets = np.array([position + 1])
+            else:
+                inp = TransformerInput(tokens=token.view(1, 1), tokens_position=position)
+                logits = model(inp, cache=cache).logits[:, -1]  # [1, V]
+            token = sample_rows(logits, rows, np.array([rand.next()]))
         position += 1
 
 

@@ -116,8 +116,9 @@ def _stored_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
 
 
 def load_model(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
-               show_progress: bool = False) -> Transformer:
-    """The model in `path` on `device` (default: cuda > mps > cpu) in `dtype` (default: as stored)."""
+               show_progress: bool = False, cuda_graphs: bool = True) -> Transformer:
+    """The model in `path` on `device` (default: cuda > mps > cpu) in `dtype` (default: as stored).
+    `cuda_graphs`: on CUDA, decode through CUDA graphs (`torch_backend.graphs`); False decodes eagerly."""
     files = find_checkpoint(path)
     args = read_args(files)
     weights = canonical_weights(files, args)
@@ -141,6 +142,7 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
             target.copy_(tensor)  # converts dtype and device on the way
     if targets:  # checked_items already checked the names: a model / checkpoint mismatch
         raise ModelFolderError(f"{path}: no weights for {', '.join(sorted(targets)[:5])}")
+    model.cuda_graphs = cuda_graphs
     return model.eval()  # inference only: no autograd graphs
 
 
@@ -149,6 +151,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def load(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
-         show_progress: bool = False) -> tuple[Transformer, Tokenizer]:
+         show_progress: bool = False, cuda_graphs: bool = True) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer from one folder."""
-    return load_model(path, dtype, device, show_progress), load_tokenizer(path)
+    return load_model(path, dtype, device, show_progress, cuda_graphs), load_tokenizer(path)
