@@ -50,7 +50,7 @@ def measure_ours(gen_cls: Any, model: Any, tok: Any, prompts: list[list[int]], n
     return _summary(ttfts, total, end - t0, decode_tokens, end - (all_started or end))
 
 
-def _load_ours(backend: str, path: str, dtype: str) -> tuple[Any, Any, Any]:
+def _load_ours(backend: str, path: str, dtype: str, device: str = "cpu") -> tuple[Any, Any, Any]:
     float_dtype = dtype if dtype in TORCH_DTYPES else None  # q4 / q8: the folder says
     if backend == "mlx":
         from mlx_llm import BatchGenerator, load
@@ -59,13 +59,13 @@ def _load_ours(backend: str, path: str, dtype: str) -> tuple[Any, Any, Any]:
     else:
         from torch_backend import BatchGenerator, load
 
-        model, tok = load(path, dtype=float_dtype, device="cpu")
+        model, tok = load(path, dtype=float_dtype, device=device)
     return BatchGenerator, model, tok
 
 
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     """Every batch size in `spec["batches"]`, `trials` times each (medians), after a warm-up."""
-    gen_cls, model, tok = _load_ours(spec["backend"], spec["path"], spec["dtype"])
+    gen_cls, model, tok = _load_ours(spec["backend"], spec["path"], spec["dtype"], spec.get("device", "cpu"))
     prompts = [prompt_ids(int(spec["vocab_size"]), int(spec["prompt_tokens"]), seed=i)
                for i in range(max(spec["batches"]))]
     measure_ours(gen_cls, model, tok, prompts[:2], 4)

@@ -32,7 +32,7 @@ def _stamped(tokens: Iterator[int]) -> tuple[list[int], list[float]]:
     return out, stamps
 
 
-def _ours(backend: str, path: str, dtype: str | None) -> Timed:
+def _ours(backend: str, path: str, dtype: str | None, device: str = "cpu") -> Timed:
     from common.sampling import SamplingParams
 
     if backend == "mlx":
@@ -42,7 +42,7 @@ def _ours(backend: str, path: str, dtype: str | None) -> Timed:
     else:
         from torch_backend import load, stream_generate
 
-        model, tok = load(path, dtype=dtype, device="cpu")
+        model, tok = load(path, dtype=dtype, device=device)
     greedy = SamplingParams(temperature=0.0)
     return lambda ids, n: _stamped(r.token for r in stream_generate(model, tok, ids, max_tokens=n, sampling=greedy))
 
@@ -73,22 +73,28 @@ class _Streamer:
         pass
 
 
-def _transformers(path: str, dtype: str | None) -> Timed:
+def _transformers(path: str, dtype: str | None, device: str = "cpu", static: bool = False) -> Timed:
+    """transformers' generate with its dynamic cache, or (`static`) its speed recipe: a static cache
+    and the forward compiled with `torch.compile(mode="reduce-overhead")`."""
     import torch
     import transformers
     from transformers import Llama4ForCausalLM
 
     transformers.logging.set_verbosity_error()
-    model = Llama4ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype or "float32")).eval()
+    model = Llama4ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype or "float32")).to(device).eval()
     model.generation_config.eos_token_id = []  # never stop early: exactly max_new_tokens
     model.generation_config.pad_token_id = 0
+    extra: dict[str, Any] = {}
+    if static:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        extra["cache_implementation"] = "static"
 
     def timed(ids: list[int], n: int) -> tuple[list[int], list[float]]:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=device)
         streamer = _Streamer()
         with torch.inference_mode():
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                                 streamer=streamer)
+                                 streamer=streamer, **extra)
         return out[0, len(ids):].tolist(), streamer.stamps
 
     return timed
@@ -96,14 +102,15 @@ def _transformers(path: str, dtype: str | None) -> Timed:
 
 def load_runner(spec: dict[str, Any]) -> Timed:
     impl, backend, dtype, path = spec["impl"], spec["backend"], spec.get("dtype"), spec["path"]
+    device = spec.get("device", "cpu")
     float_dtype = dtype if dtype in TORCH_DTYPES else None  # q4 / q8: the folder says
     if impl == "ours":
-        return _ours(backend, path, float_dtype)
+        return _ours(backend, path, float_dtype, device)
     if impl == "mlx_lm":
         return _mlx_lm(path, None if float_dtype == "float32" else float_dtype)
-    if impl == "transformers":
-        return _transformers(path, float_dtype)
-    raise ValueError(f"impl: expected ours, mlx_lm or transformers, got {impl!r}")
+    if impl in ("transformers", "transformers_static"):
+        return _transformers(path, float_dtype, device, static=impl == "transformers_static")
+    raise ValueError(f"impl: expected ours, mlx_lm, transformers or transformers_static, got {impl!r}")
 
 
 def _peak_gb(backend: str) -> dict[str, float]:

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=1)
     p.add_argument("--peer-batch", type=int, default=8)
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of the torch runs")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     p.add_argument("--json", default=None, help="also write the JSON to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -100,7 +101,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     pairs = [tuple(x.split(":")) for x in opts.runs.split(",") if x]
     pairs = [(b, d) for b, d in pairs if _installed("mlx" if b == "mlx" else "torch")]
     settings = {"prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "trials": opts.trials,
-                "batches": [int(b) for b in opts.batches.split(",")], "peer_batch": opts.peer_batch}
+                "batches": [int(b) for b in opts.batches.split(",")], "peer_batch": opts.peer_batch,
+                "device": opts.device}
     work = Path(tempfile.mkdtemp(prefix="bench_batch-"))
     try:
         src = Path(opts.model) if opts.model else write_model(work / "float32", synthetic_args(opts.size))

@@ -18,8 +18,11 @@ Extras: `membw` (this machine's bandwidth, see benchmarks/membw.py, measured at 
 again right before each run) gives each run's fraction of the decode roofline; `kv` compares the
 caches' memory at a context of 16 chunks with a cache that keeps every position in every layer;
 `moe` decodes models of equal active size with 8 and 64 experts. Without `--model`, a synthetic
-float32 model of `--size` is written to a temporary folder. MLX runs read `apps.convert` output
-(float32, or q8/q4), the layout mlx-lm writes; torch runs read the Hugging Face folder.
+float32 model of `--size` is written to a temporary folder. `--device cuda` runs ours and
+transformers on the GPU, and adds transformers' speed recipe as a second peer (`transformers_static`:
+a static cache and `torch.compile(mode="reduce-overhead")`); a peer that fails there is recorded.
+MLX runs read `apps.convert` output (float32, or q8/q4), the layout mlx-lm writes; torch runs read
+the Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from common.files import find_checkpoint, read_args
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"torch": ("float32", "bfloat16"), "mlx": ("float32", "bfloat16", "q8", "q4")}
-PEERS = {"torch": "transformers", "mlx": "mlx_lm"}
+PEERS = {"torch": ("transformers",), "mlx": ("mlx_lm",)}
+CUDA_PEERS = ("transformers", "transformers_static")  # on CUDA also transformers' static cache + torch.compile
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads in every process (0: torch's default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of the torch runs")
     p.add_argument("--no-peers", action="store_true", help="skip mlx-lm and transformers")
     p.add_argument("--extras", default="kv,moe,membw", help="any of kv, moe, membw; empty for none")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
@@ -113,14 +118,18 @@ def folders_for(src: Path, work: Path, runs: list[tuple[str, str, str]]) -> dict
     return out
 
 
-def plan(backends: list[str], dtypes: list[str], peers: bool) -> list[tuple[str, str, str]]:
-    """(impl, backend, dtype) in run order: each of ours, then its peer on the same folder."""
+def peers_of(backend: str, device: str = "cpu") -> tuple[str, ...]:
+    return CUDA_PEERS if backend == "torch" and device == "cuda" else PEERS[backend]
+
+
+def plan(backends: list[str], dtypes: list[str], peers: bool, device: str = "cpu") -> list[tuple[str, str, str]]:
+    """(impl, backend, dtype) in run order: each of ours, then its peers on the same folder."""
     out = []
     for backend in backends:
         for dtype in (d for d in DTYPES[backend] if d in dtypes):
             out.append(("ours", backend, dtype))
-            if peers and _installed(PEERS[backend]):
-                out.append((PEERS[backend], backend, dtype))
+            out += [(p, backend, dtype) for p in peers_of(backend, device)
+                    if peers and _installed(p.split("_static")[0])]
     return out
 
 
@@ -135,21 +144,22 @@ def _with_roofline(result: dict[str, Any], args: ModelArgs, dtype: str, impl: st
                      "roofline_fraction": round(result["decode_tps"] / roof, 3)}
 
 
-def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """ours / peer for each (backend, dtype) both ran."""
+def ratios(runs: list[dict[str, Any]], device: str = "cpu") -> list[dict[str, Any]]:
+    """ours / peer for each (backend, dtype) and each of its peers that ran."""
     out = []
     for ours in (r for r in runs if r["impl"] == "ours"):
-        peer = next((r for r in runs if r["impl"] == PEERS[ours["backend"]] and r["backend"] == ours["backend"]
-                     and r["dtype"] == ours["dtype"]), None)
-        row = {"backend": ours["backend"], "dtype": ours["dtype"], "peer": PEERS[ours["backend"]]}
-        if peer is None or "error" in peer or "error" in ours:
-            out.append(row | {"peer_error": (peer or {}).get("error", "not run")})
-            continue
-        same = sum(1 for _ in zip(ours["tokens"], peer["tokens"], strict=False) if _[0] == _[1])
-        out.append(row | {"prefill_ratio": round(ours["prefill_tps"] / peer["prefill_tps"], 2),
-                          "decode_ratio": round(ours["decode_tps"] / peer["decode_tps"], 2),
-                          "load_ratio": round(peer["load_s"] / max(ours["load_s"], 1e-9), 2),
-                          "greedy_tokens_equal": f"{same}/{len(ours['tokens'])}"})
+        for name in peers_of(ours["backend"], device):
+            peer = next((r for r in runs if r["impl"] == name and r["backend"] == ours["backend"]
+                         and r["dtype"] == ours["dtype"]), None)
+            row = {"backend": ours["backend"], "dtype": ours["dtype"], "peer": name}
+            if peer is None or "error" in peer or "error" in ours:
+                out.append(row | {"peer_error": (peer or {}).get("error", "not run")})
+                continue
+            same = sum(1 for _ in zip(ours["tokens"], peer["tokens"], strict=False) if _[0] == _[1])
+            out.append(row | {"prefill_ratio": round(ours["prefill_tps"] / peer["prefill_tps"], 2),
+                              "decode_ratio": round(ours["decode_tps"] / peer["decode_tps"], 2),
+                              "load_ratio": round(peer["load_s"] / max(ours["load_s"], 1e-9), 2),
+                              "greedy_tokens_equal": f"{same}/{len(ours['tokens'])}"})
     return out
 
 
@@ -199,6 +209,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     backends = [b for b in opts.backends.split(",") if b and _installed("mlx" if b == "mlx" else "torch")]
     dtypes = [d for d in opts.dtypes.split(",") if d]
     extras = {e for e in opts.extras.split(",") if e}
+    if opts.device == "cuda":
+        extras -= {"membw", "moe"}  # both measure the CPU
     work = Path(tempfile.mkdtemp(prefix="bench_generate-"))
     try:
         src = Path(opts.model) if opts.model else write_model(work / "float32", synthetic_args(opts.size))
@@ -208,9 +220,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         if "membw" in extras:
             result["membw"] = membw_extra()
         bandwidth = result.get("membw", {}).get("roofline_gbps")
-        order = plan(backends, dtypes, not opts.no_peers)
+        order = plan(backends, dtypes, not opts.no_peers, opts.device)
         runs = _run_rounds(order, folders_for(src, work, order), args, opts, "membw" in extras, bandwidth)
-        result["runs"], result["ratios"] = runs, ratios(runs)
+        result["runs"], result["ratios"] = runs, ratios(runs, opts.device)
         if "kv" in extras:
             result["kv_memory"] = kv_extra(backends, opts.timeout)
         if "moe" in extras:
@@ -220,9 +232,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _settings(opts: argparse.Namespace) -> dict[str, int]:
+def _settings(opts: argparse.Namespace) -> dict[str, Any]:
     return {"prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "trials": opts.trials,
-            "rounds": opts.rounds, "threads": opts.threads}
+            "rounds": opts.rounds, "threads": opts.threads, "device": opts.device}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,8 @@ def test_bench_generate_tiny_reports_every_run_and_ratio(tmp_path: Path) -> None
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout) == result
     assert "| impl | backend | dtype |" in proc.stderr  # the markdown table
-    assert result["settings"] == {"prompt_tokens": 12, "gen_tokens": 3, "trials": 1, "rounds": 1, "threads": 0}
+    assert result["settings"] == {"prompt_tokens": 12, "gen_tokens": 3, "trials": 1, "rounds": 1, "threads": 0,
+                                  "device": "cpu"}
     ours = [r for r in result["runs"] if r["impl"] == "ours"]
     assert {(r["backend"], r["dtype"]) for r in ours} >= {("torch", "float32")}
     for r in ours:
@@ -76,7 +77,8 @@ def test_decode_bytes_add_the_cache_each_layer_reads() -> None:
 def test_synthetic_sizes_follow_mlx_lm_layer_pattern() -> None:
     medium = synthetic_args("medium")
     assert 0.5e9 <= parameter_count(medium) <= 1e9
-    for size in ("tiny", "small", "medium"):
+    assert 1.8e9 <= parameter_count(synthetic_args("large")) <= 2e9
+    for size in ("tiny", "small", "medium", "large"):
         args = synthetic_args(size)
         assert args.rope_layers == tuple((i + 1) % 4 != 0 for i in range(args.n_layers))
         assert args.moe_args == MoEArgs(num_experts=args.num_experts, top_k=1, interleave_moe_layer_step=1)
