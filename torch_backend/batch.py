@@ -20,7 +20,7 @@ from common.sampling import SamplingBatch, SamplingParams
 from common.tokenizer import Tokenizer
 from torch_backend.cache import merge_caches
 from torch_backend.generate import _image_table
-from torch_backend.graphs import DecodeRunner, RowPool
+from torch_backend.graphs import DecodeRunner, RowPool, bucket
 from torch_backend.model import Transformer
 from torch_backend.sample import sample_rows, token_logprobs
 
@@ -46,7 +46,7 @@ class TorchBatchOps:
         """The running batch with `rows` (single-row caches) after its rows."""
         if not self.pooled:
             return merge_caches(([running] if running is not None else []) + list(rows))
-        pool = running if running is not None else RowPool(self.model, self.max_batch)
+        pool = running if running is not None else RowPool(self.model, bucket(self.max_batch))
         pool.admit(rows)
         return pool
 

@@ -6,6 +6,8 @@ Shapes: N token slots (tokens x top_k), T tokens, D model dim, F hidden dim, E e
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,17 +57,31 @@ class FeedForward(FusedModule):
 
 
 def grouped_fits(x: torch.Tensor, gv: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes these operands: present in this torch, autograd off, one dtype
-    (on CUDA: bfloat16 on compute capability 9.0 or newer, what its kernels cover), and every row of x
-    and of the weights a multiple of 16 bytes long (its alignment rule)."""
-    if not hasattr(torch, "_grouped_mm") or torch.is_grad_enabled() or not (x.dtype == gv.dtype == out.dtype):
-        return False
-    if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
-        return False
-    if x.device.type not in ("cpu", "cuda"):
+    """Whether `torch._grouped_mm` takes these operands: autograd off, one dtype, every row of x and of
+    the weights a multiple of 16 bytes long (its alignment rule), and a probe of the same device, dtype
+    and weight layout ran (its kernels cover bfloat16 on recent GPUs and the CPU, not everything)."""
+    if torch.is_grad_enabled() or not (x.dtype == gv.dtype == out.dtype):
         return False
     size = x.element_size()
-    return all(n * size % 16 == 0 for n in (gv.shape[-1], gv.shape[-2], out.shape[-2]))
+    if any(n * size % 16 for n in (gv.shape[-1], gv.shape[-2], out.shape[-2])):
+        return False
+    return _grouped_mm_runs(x.device, x.dtype, gv.mT.stride(-1) == 1, out.mT.stride(-1) == 1)
+
+
+@functools.cache
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, *row_major: bool) -> bool:
+    """One tiny grouped product per weight layout (row-major [E, in, out] or its transpose), once per
+    process: the first MoE call is a prefill, outside any CUDA graph capture."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        for rows in row_major:
+            w = torch.zeros((2, 16, 16), dtype=dtype, device=device)
+            torch._grouped_mm(torch.zeros((4, 16), dtype=dtype, device=device), w if rows else w.mT,
+                              offs=torch.tensor([2, 4], dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    return True
 
 
 def grouped_experts(x: torch.Tensor, experts: torch.Tensor, gate_value: torch.Tensor,
