@@ -21,7 +21,7 @@ from common.detokenizer import StreamingDetokenizer
 from common.generation import check_prompt
 from common.image_prompt import PromptImages, prepare_prompt
 from common.prompt_cache import PromptCache
-from common.sampling import SamplingBatch, SamplingParams
+from common.sampling import SamplingBatch, SamplingParams, agreed
 from common.stop_text import StopText
 
 
@@ -60,7 +60,7 @@ class BatchGenerator:
         if max_batch < 1 or prefill_step_size < 1:
             raise ValueError(f"BatchGenerator: max_batch and prefill_step_size must be >= 1, "
                              f"got {max_batch} and {prefill_step_size}")
-        self.ops, self.tokenizer, self.prompt_cache = ops, tokenizer, prompt_cache
+        self.model, self.ops, self.tokenizer, self.prompt_cache = model, ops, tokenizer, prompt_cache
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
         self.max_seq_len, self.vision = model.args.max_seq_len, model.args.vision_args
         self._waiting: deque[Row] = deque()
@@ -91,6 +91,7 @@ class BatchGenerator:
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+        sampling = agreed(self.model, sampling)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"max_tokens: must be an int >= 1, got {max_tokens!r}")
         if not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:

@@ -8,8 +8,10 @@ mark removed tokens with -inf, so they compose and apply to a batch [..., V] as 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -146,6 +148,15 @@ def seeded_uniform(seed: int, index: int) -> float:
     """The uniform number in [0, 1) of draw `index` of a row seeded with `seed`: a pure function of
     both, so a row samples the same tokens alone, in any batch, on either backend."""
     return (_mix64(_mix64(seed & _MASK64) ^ index) >> 11) * 2.0**-53
+
+
+def agreed(model: Any, params: SamplingParams) -> SamplingParams:
+    """`params`, with a seed that every rank of the model's tensor-parallel world shares where none
+    was given (the ranks then draw the same numbers and sample the same tokens)."""
+    world = getattr(model, "world", None)
+    if world is None or params.seed is not None or params.greedy:
+        return params
+    return dataclasses.replace(params, seed=world.agree_seed())
 
 
 class RowRandom:

@@ -18,8 +18,10 @@ from common.checkpoint import LazyDict, checked_items, hf_to_canonical, meta_sha
 from common.files import CheckpointFiles, ModelFolderError, check_safetensors, find_checkpoint, read_args
 from common.progress import progress
 from common.quant import declared_specs
+from common.tensor_parallel import Layout, meta_rank_weights
 from common.tokenizer import Tokenizer, load_tokenizer_files
 from common.vision_checkpoint import without_absent_vision
+from mlx_llm.distributed import World
 from mlx_llm.model import Transformer
 from mlx_llm.quantize import quantize_modules
 
@@ -43,13 +45,17 @@ def _torch_to_mx(t: Any) -> mx.array:
     return mx.array(t.contiguous().numpy())
 
 
-def _meta_weights(files: CheckpointFiles, args: ModelArgs) -> Mapping[str, mx.array]:
+def _meta_weights(files: CheckpointFiles, args: ModelArgs, layout: Layout | None = None) -> Mapping[str, mx.array]:
     try:
         from torch_backend.load import read_pth
     except ImportError as e:
         raise ModelFolderError(f"{files.folder}: reading Meta native .pth files needs PyTorch; "
                                f"install it with `pip install torch` or convert the folder first") from e
-    canonical = meta_shards_to_canonical([read_pth(p) for p in files.weight_files], args)
+    if layout is None:
+        canonical = meta_shards_to_canonical([read_pth(p) for p in files.weight_files], args)
+    else:
+        canonical = meta_rank_weights(lambda i: read_pth(files.weight_files[i]), len(files.weight_files), args,
+                                      layout)
     return LazyDict({k: (lambda k=k: _torch_to_mx(canonical[k])) for k in canonical})
 
 
@@ -71,10 +77,22 @@ def canonical_weights(files: CheckpointFiles, args: ModelArgs) -> Mapping[str, m
     return hf_to_canonical(_safetensors_weights(files), args)
 
 
-def _unfused_model(path: str | Path, dtype: str | None, show_progress: bool) -> Transformer:
+def rank_weights(files: CheckpointFiles, args: ModelArgs, layout: Layout) -> Mapping[str, mx.array]:
+    """This rank's share of the canonical weights: a Meta shard of its own where the files allow,
+    else lazy slices of the whole."""
+    if files.layout == "meta":
+        return _meta_weights(files, args, layout)
+    return layout.shard(canonical_weights(files, args), args)
+
+
+def _unfused_model(path: str | Path, dtype: str | None, show_progress: bool, world: World | None) -> Transformer:
     files = find_checkpoint(path)
     args = read_args(files)
-    weights = canonical_weights(files, args)
+    if world is None:
+        weights = canonical_weights(files, args)
+    else:
+        weights = rank_weights(files, args, world.layout)
+        args = world.layout.local_args(args)
     args = without_absent_vision(args, weights)  # text-only conversions keep a vision_config
     target = resolve_dtype(dtype)
     model = Transformer(args)
@@ -91,12 +109,16 @@ def _unfused_model(path: str | Path, dtype: str | None, show_progress: bool) -> 
             mx.eval(w)  # materialise tensor by tensor so the bar tracks reading
     model.load_weights(items, strict=True)
     mx.eval(model.parameters())
+    if world is not None:
+        model.attach_world(world)
     return model
 
 
-def load_model(path: str | Path, dtype: str | None = None, show_progress: bool = False) -> Transformer:
-    """The model in `path` in `dtype` (default: as stored), its projections fused."""
-    model = _unfused_model(path, dtype, show_progress)
+def load_model(path: str | Path, dtype: str | None = None, show_progress: bool = False,
+               world: World | None = None) -> Transformer:
+    """The model in `path` in `dtype` (default: as stored), its projections fused. `world`
+    (`mlx_llm.distributed.init_world()`): load only this rank's tensor-parallel share."""
+    model = _unfused_model(path, dtype, show_progress, world)
     model.fuse()  # after the loader's references to the source arrays are gone, so they free as it goes
     return model
 
@@ -105,6 +127,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return load_tokenizer_files(Path(path))
 
 
-def load(path: str | Path, dtype: str | None = None, show_progress: bool = False) -> tuple[Transformer, Tokenizer]:
+def load(path: str | Path, dtype: str | None = None, show_progress: bool = False,
+         world: World | None = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer from one folder."""
-    return load_model(path, dtype, show_progress), load_tokenizer(path)
+    return load_model(path, dtype, show_progress, world), load_tokenizer(path)

@@ -5,6 +5,8 @@ Shapes: B batch, L tokens in this call, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -48,8 +50,14 @@ class TransformerBlock(nn.Module):
 
     def __call__(self, x: mx.array, pos: Positions, cache: Cache | None = None, last_only: bool = False) -> mx.array:
         """[B, L, D] -> [B, L, D], or [B, 1, D] for each row's last position alone (the cache gets all)."""
-        h = (pos.last(x) if last_only else x) + self.attention(self.attention_norm(x), pos, cache, last_only)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = (pos.last(x) if last_only else x) + self.reduce(self.attention(self.attention_norm(x), pos, cache,
+                                                                           last_only))
+        return h + self.reduce(self.feed_forward(self.ffn_norm(h)))
+
+    @staticmethod
+    def reduce(x: mx.array) -> mx.array:
+        """Identity in one process; under tensor parallelism the sum of the ranks' partial outputs."""
+        return x
 
 
 class Transformer(nn.Module):
@@ -60,6 +68,7 @@ class Transformer(nn.Module):
         self.layers = [TransformerBlock(args, role) for role in args.layer_roles]
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.world: Any = None  # a tensor-parallel world (`attach_world`), or None
         if args.vision_args is not None:
             self.vision_embeddings = VisionEmbeddings(args.vision_args)
             self.vision_projection = nn.Linear(args.vision_args.output_dim, args.dim, bias=False)
@@ -95,11 +104,34 @@ class Transformer(nn.Module):
         all a prefill needs."""
         tokens = inputs.tokens
         pos = Positions(self.args, check_input(inputs, cache, len(self.layers), self.args.max_seq_len))
-        h = self.tok_embeddings(tokens)  # [B, L, D]
+        h = self.embed(tokens)  # [B, L, D]
         if inputs.image_embedding is not None:
             h = self._merge_image(h, inputs.image_embedding)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             # With last_only, the final layer runs its attention output and feed-forward for one position.
             h = layer(h, pos, None if cache is None else cache[i], last_only and i == last)
-        return TransformerOutput(logits=linear(self.output, self.norm(h)).astype(mx.float32))  # [B, L, V]
+        return TransformerOutput(logits=self.project(self.norm(h)))  # [B, L, V]
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Token embeddings [B, L, D]; a rank of a tensor-parallel world holds the rows of its vocabulary
+        range, so it looks up its own ids, zeroes the others, and the ranks' rows are summed."""
+        if self.world is None:
+            return self.tok_embeddings(tokens)
+        V = self.args.vocab_size  # this rank's share
+        local = tokens - self.world.rank * V
+        inside = (local >= 0) & (local < V)
+        h = self.tok_embeddings(mx.clip(local, 0, V - 1))
+        return self.world.all_sum(h * inside[..., None].astype(h.dtype))
+
+    def project(self, h: mx.array) -> mx.array:
+        """Float32 logits [..., V] of normed hidden states; tensor-parallel ranks gather their vocabulary ranges."""
+        logits = linear(self.output, h).astype(mx.float32)
+        return logits if self.world is None else self.world.all_gather_last(logits)
+
+    def attach_world(self, world: Any) -> None:
+        """Run as one rank of a tensor-parallel world (`mlx_llm.distributed.World`); the model must hold
+        that rank's share (`common.tensor_parallel.Layout.local_args`)."""
+        self.world = world
+        for layer in self.layers:
+            layer.reduce = world.all_sum

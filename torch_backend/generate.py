@@ -11,7 +11,7 @@ import torch
 from common.datatypes import GenerationResponse, MaskedEmbedding, TransformerInput
 from common.generation import check_prompt, process_peak_memory_gb, stream_responses
 from common.image_prompt import PromptImages, prepare_prompt
-from common.sampling import RowRandom, SamplingBatch, SamplingParams
+from common.sampling import RowRandom, SamplingBatch, SamplingParams, agreed
 from common.tokenizer import Tokenizer
 from torch_backend.graphs import DecodeRunner
 from torch_backend.model import Transformer
@@ -50,7 +50,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
     """Token ids after `prompt`, one model call per token after a prefill in steps; runs until the
     context is full (the caller stops it). A given `cache` continues from its offset. `images`
     (positions relative to `prompt`) fill the prompt's `<|patch|>` rows with image features."""
-    sampling = sampling or SamplingParams()
+    sampling = agreed(model, sampling or SamplingParams())
     cache = model.make_cache(1) if cache is None else cache
     position = cache[0].offset
     check_prompt(prompt, model.args.max_seq_len, position)

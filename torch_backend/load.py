@@ -24,9 +24,11 @@ from common.args import ModelArgs
 from common.checkpoint import checked_items, hf_to_canonical, meta_shards_to_canonical
 from common.files import CheckpointFiles, ModelFolderError, check_safetensors, find_checkpoint, read_args
 from common.progress import progress
+from common.tensor_parallel import Layout, meta_rank_weights
 from common.tokenizer import Tokenizer, load_tokenizer_files
 from common.vision_checkpoint import without_absent_vision
 from torch_backend.device import pick_device, resolve_dtype
+from torch_backend.distributed import World
 from torch_backend.fused import allocate
 from torch_backend.model import Transformer
 from torch_backend.quantize import dequantized
@@ -102,6 +104,14 @@ def read_pth(path: Path) -> dict[str, Any]:
     return sd
 
 
+def rank_weights(files: CheckpointFiles, args: ModelArgs, layout: Layout) -> Mapping[str, torch.Tensor]:
+    """This rank's share of the canonical weights: a Meta shard of its own where the files allow,
+    else lazy slices of the whole (safetensors are memory-mapped, so a slice reads only its bytes)."""
+    if files.layout == "meta":
+        return meta_rank_weights(lambda i: read_pth(files.weight_files[i]), len(files.weight_files), args, layout)
+    return layout.shard(canonical_weights(files, args), args)
+
+
 def canonical_weights(files: CheckpointFiles, args: ModelArgs) -> Mapping[str, torch.Tensor]:
     """A lazy mapping of canonical names to torch tensors for any supported folder."""
     if files.layout == "meta":
@@ -116,12 +126,17 @@ def _stored_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
 
 
 def load_model(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
-               show_progress: bool = False, cuda_graphs: bool = True) -> Transformer:
+               show_progress: bool = False, cuda_graphs: bool = True, world: World | None = None) -> Transformer:
     """The model in `path` on `device` (default: cuda > mps > cpu) in `dtype` (default: as stored).
-    `cuda_graphs`: on CUDA, decode through CUDA graphs (`torch_backend.graphs`); False decodes eagerly."""
+    `cuda_graphs`: on CUDA, decode through CUDA graphs (`torch_backend.graphs`); False decodes eagerly.
+    `world` (`torch_backend.distributed.init_world()`): load only this rank's tensor-parallel share."""
     files = find_checkpoint(path)
     args = read_args(files)
-    weights = canonical_weights(files, args)
+    if world is None:
+        weights = canonical_weights(files, args)
+    else:
+        weights = rank_weights(files, args, world.layout)
+        args = world.layout.local_args(args)
     args = without_absent_vision(args, weights)  # text-only conversions keep a vision_config
     target_device = pick_device("auto" if device is None else str(device))
     target_dtype = resolve_dtype(dtype) or _stored_dtype(weights)
@@ -143,6 +158,8 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     if targets:  # checked_items already checked the names: a model / checkpoint mismatch
         raise ModelFolderError(f"{path}: no weights for {', '.join(sorted(targets)[:5])}")
     model.cuda_graphs = cuda_graphs
+    if world is not None:
+        model.attach_world(world)
     return model.eval()  # inference only: no autograd graphs
 
 
@@ -151,6 +168,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def load(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
-         show_progress: bool = False, cuda_graphs: bool = True) -> tuple[Transformer, Tokenizer]:
+         show_progress: bool = False, cuda_graphs: bool = True,
+         world: World | None = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer from one folder."""
-    return load_model(path, dtype, device, show_progress, cuda_graphs), load_tokenizer(path)
+    return load_model(path, dtype, device, show_progress, cuda_graphs, world), load_tokenizer(path)

@@ -5,6 +5,8 @@ Shapes: B batch, L query length, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,8 +48,14 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, pos: Positions, cache: Cache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """[B, L, D] -> [B, L, D], or [B, 1, D] for the last position alone (the cache gets all)."""
-        h = (pos.last(x) if last_only else x) + self.attention(self.attention_norm(x), pos, cache, last_only)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = (pos.last(x) if last_only else x) + self.reduce(self.attention(self.attention_norm(x), pos, cache,
+                                                                           last_only))
+        return h + self.reduce(self.feed_forward(self.ffn_norm(h)))
+
+    @staticmethod
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        """Identity in one process; under tensor parallelism the sum of the ranks' partial outputs."""
+        return x
 
 
 class Transformer(FusedModule):
@@ -67,6 +75,7 @@ class Transformer(FusedModule):
         self.rope = RotaryTable(args)
         self.temperatures = temperature_table(args)
         self.cuda_graphs = True  # decode through CUDA graphs where the model is on CUDA (`load(cuda_graphs=...)`)
+        self.world: Any = None  # a tensor-parallel world (`attach_world`), or None
         self._output = FusedGroup([(self.output, "weight")])
         self.register_load_state_dict_post_hook(lambda model, _: refresh_fused(model))
         if args.vision_args is not None:
@@ -88,7 +97,7 @@ class Transformer(FusedModule):
         all a prefill needs."""
         tokens = inputs.tokens
         spans = check_input(inputs, cache, len(self.layers), self.args.max_seq_len)
-        h = self.tok_embeddings(tokens.to(self.tok_embeddings.weight.device))  # [B, L, D]
+        h = self.embed(tokens.to(self.tok_embeddings.weight.device))  # [B, L, D]
         if inputs.image_embedding is not None:
             h = self._merge_image(h, inputs.image_embedding)
         pos = Positions(self.args, self.rope, self.temperatures, spans, h.device)
@@ -96,9 +105,7 @@ class Transformer(FusedModule):
         for i, layer in enumerate(self.layers):
             # With last_only, the final layer runs its attention output and feed-forward for one position.
             h = layer(h, pos, None if cache is None else cache[i], last_only and i == last)
-        h = self.norm(h)
-        w = self._output.weight()
-        return TransformerOutput(logits=(self.output(h) if w is None else linear(h, w)).float())  # [B, L, V]
+        return TransformerOutput(logits=self.project(self.norm(h)))  # [B, L, V]
 
     def prepare_decode(self, cache: list[Cache], end: int, ahead: int = 0) -> bool:
         """Room for `decode_rows` up to position end-1, made outside the step: the RoPE and temperature
@@ -118,13 +125,35 @@ class Transformer(FusedModule):
         """One decode step for B rows, each at its own position: tokens [B] and positions [B] (device
         tensors) -> logits [B, V] float32. Fixed shapes, no host reads or writes (the caller keeps the
         caches' offsets and made room with `prepare_decode`), so the step can be captured as a CUDA graph."""
-        h = self.tok_embeddings(tokens[:, None])  # [B] -> [B, 1, D]
+        h = self.embed(tokens[:, None])  # [B] -> [B, 1, D]
         pos = Positions.for_decode(self.args, self.rope, self.temperatures, positions)
         for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, pos, c)
-        h = self.norm(h)
+        return self.project(self.norm(h))[:, 0]  # [B, 1, V] -> [B, V]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, L, D]; a rank of a tensor-parallel world holds the rows of its vocabulary
+        range, so it looks up its own ids, zeroes the others, and the ranks' rows are summed."""
+        if self.world is None:
+            return self.tok_embeddings(tokens)
+        V = self.args.vocab_size  # this rank's share
+        local = tokens - self.world.rank * V
+        inside = (local >= 0) & (local < V)
+        h = self.tok_embeddings(local.clamp(0, V - 1)) * inside[..., None].to(self.tok_embeddings.weight.dtype)
+        return self.world.all_sum(h)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [..., V] of normed hidden states; tensor-parallel ranks gather their vocabulary ranges."""
         w = self._output.weight()
-        return (self.output(h) if w is None else linear(h, w))[:, 0].float()  # [B, 1, V] -> [B, V]
+        logits = (self.output(h) if w is None else linear(h, w)).float()
+        return logits if self.world is None else self.world.all_gather_last(logits)
+
+    def attach_world(self, world: Any) -> None:
+        """Run as one rank of a tensor-parallel world (`torch_backend.distributed.World`); the model must
+        hold that rank's share (`common.tensor_parallel.Layout.local_args`)."""
+        self.world = world
+        for layer in self.layers:
+            layer.reduce = world.all_sum
 
     def _merge_image(self, h: torch.Tensor, image: MaskedEmbedding) -> torch.Tensor:
         """Token embeddings with the projected image features at the masked (`<|patch|>`) rows."""

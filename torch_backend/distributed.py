@@ -1,0 +1,60 @@
+"""Tensor parallelism over `torch.distributed` (NCCL on CUDA, gloo on the CPU), started by torchrun.
+
+`World` is what the model and the generation loops need of the process group: the two collectives
+of a tensor-parallel forward, and agreeing on a value (a seed, a command) across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.tensor_parallel import Layout
+
+
+class World:
+    def __init__(self) -> None:
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.layout = Layout(self.rank, self.size)
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's x (each rank's partial product), on every rank."""
+        x = x.contiguous()
+        dist.all_reduce(x)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x [..., n] side by side in rank order: [..., size * n] (vocabulary-split logits)."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` (any picklable object) on every rank."""
+        box = [value if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def agree_seed(self) -> int:
+        """One fresh seed drawn by rank 0, so unseeded sampling draws the same numbers on every rank."""
+        return int(self.broadcast(int(np.random.default_rng().integers(2**63 - 1)) if self.rank == 0 else None))
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def init_world(device: str = "auto") -> World | None:
+    """The process group of a torchrun launch (WORLD_SIZE > 1), else None. On CUDA each rank takes the
+    GPU of its LOCAL_RANK."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World()
