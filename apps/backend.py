@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -40,6 +42,7 @@ class Runner:
     module: ModuleType
     model: Any
     tokenizer: Any
+    world: Any = None  # this process's tensor-parallel world (torchrun / mlx.launch), or None
 
     def make_cache(self) -> list:
         return self.model.make_cache(1)
@@ -52,15 +55,31 @@ class Runner:
 
 def load_runner(path: str, backend: str = "auto", device: str = "auto", dtype: str | None = None,
                 show_progress: bool = True) -> Runner:
+    """The model, loaded as this process's tensor-parallel share when a launcher started several
+    (torchrun for torch, mlx.launch for MLX), else whole."""
     name = pick_backend(backend)
     if name == "torch":
         import torch_backend as module
+        from torch_backend.distributed import init_world
 
-        model, tokenizer = module.load(path, dtype=dtype, device=device, show_progress=show_progress)
+        world = init_world(device)
+        if world is not None and device in ("auto", "cuda"):
+            import torch
+
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = module.load(path, dtype=dtype, device=device, show_progress=show_progress, world=world)
     else:
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"--device {device} applies to the torch backend only")
         import mlx_llm as module
+        from mlx_llm.distributed import init_world
 
-        model, tokenizer = module.load(path, dtype=dtype, show_progress=show_progress)
-    return Runner(name, module, model, tokenizer)
+        world = init_world()
+        model, tokenizer = module.load(path, dtype=dtype, show_progress=show_progress, world=world)
+    return Runner(name, module, model, tokenizer, world)
+
+
+def quiet_unless_first(world: Any) -> None:
+    """In a tensor-parallel run only rank 0 prints: the others' output goes nowhere."""
+    if world is not None and world.rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process

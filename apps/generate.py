@@ -84,13 +84,25 @@ def _run_turn(runner, ids: list[int], args: argparse.Namespace, sampling, cache,
     return last
 
 
+def _read_line(world) -> str:
+    """The next chat line ("" at the end of input); in a tensor-parallel run rank 0 reads it for all."""
+    line = None
+    if world is None or world.rank == 0:
+        try:
+            line = input("> ")
+        except EOFError:
+            line = ""
+    return line if world is None else world.broadcast(line)
+
+
 def run(args: argparse.Namespace) -> int:
-    from apps.backend import load_runner
+    from apps.backend import load_runner, quiet_unless_first
     from common.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               min_p=args.min_p, seed=args.seed)
     runner = load_runner(args.model, args.backend, args.device, args.dtype)
+    quiet_unless_first(runner.world)
     if args.image and runner.model.args.vision_args is None:
         raise ValueError(f"--image needs a model with a vision encoder; {args.model} has none")
     fmt = _chat_format(runner.tokenizer, args.no_chat_template, runner.model.args.vision_args)
@@ -101,10 +113,7 @@ def run(args: argparse.Namespace) -> int:
     cache, last, images = runner.make_cache(), None, args.image  # images go with the first message
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
-        try:
-            text = input("> ")
-        except EOFError:
-            return 0
+        text = _read_line(runner.world)
         if not text.strip():
             return 0
         ids, tiles = _turn_tokens(runner, fmt, text, args.system, last, images)

@@ -49,8 +49,8 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def build_state(args: argparse.Namespace) -> Any:
-    """Load the model and wire the engine, the prompt builder and the metrics together."""
+def build_state(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Load the model and wire the engine, the prompt builder and the metrics together; (state, runner)."""
     from apps.backend import load_runner
     from apps.server_app import ServerState
     from apps.server_engine import Engine
@@ -69,14 +69,17 @@ def build_state(args: argparse.Namespace) -> Any:
     limits = Limits(max_tokens=args.max_tokens_limit, max_seq_len=runner.model.args.max_seq_len,
                     image_bytes=int(args.max_body_mb * 1e6), image_pixels=args.max_image_pixels)
     builder = PromptBuilder(runner.tokenizer, runner.model.args.vision_args, limits)
-    return ServerState(engine=Engine(make_generator, args.max_queue, metrics), builder=builder, metrics=metrics,
-                       model_id=Path(args.model).name, created=int(time.time()), api_key=args.api_key,
-                       max_body_bytes=int(args.max_body_mb * 1e6)), runner.backend
+    return ServerState(engine=Engine(make_generator, args.max_queue, metrics, runner.world), builder=builder,
+                       metrics=metrics, model_id=Path(args.model).name, created=int(time.time()),
+                       api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 1e6)), runner
+
+
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from apps.backend import quiet_unless_first
     from apps.server_app import create_app
 
     for name in ("max_batch", "max_queue", "max_tokens_limit", "prefill_step_size", "max_image_pixels"):
@@ -85,8 +88,14 @@ def _serve(args: argparse.Namespace) -> int:
     if not _loopback(args.host):
         print(f"warning: binding {args.host}: the server is reachable from other machines"
               + ("" if args.api_key else " and has no --api-key"), file=sys.stderr)
-    state, backend = build_state(args)
-    engine = state.engine
+    state, runner = build_state(args)
+    engine, world = state.engine, runner.world
+    if world is not None and world.rank != 0:  # a tensor-parallel rank: rank 0 serves, this one follows
+        quiet_unless_first(world)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # it stops when rank 0 says so
+        engine.follow()
+        return 0
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=10))
     http = threading.Thread(target=server.run, name="http", daemon=True)  # no signal handlers off the main thread
@@ -103,7 +112,9 @@ def _serve(args: argparse.Namespace) -> int:
         time.sleep(0.02)
     if not server.started:
         raise RuntimeError(f"could not serve on {args.host}:{args.port} (is the port in use?)")
-    print(f"serving {state.model_id} ({backend}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    ranks = "" if world is None else f", {world.size} tensor-parallel ranks"
+    print(f"serving {state.model_id} ({runner.backend}{ranks}) on http://{args.host}:{args.port}", file=sys.stderr,
+          flush=True)
     engine.run(until=lambda: not http.is_alive())  # the model stays in this thread
     return 0
 

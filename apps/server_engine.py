@@ -9,12 +9,15 @@ A job's queue receives, in order: its uid (accepted) or a `RequestError` (refuse
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from apps.server_metrics import Metrics
 from apps.server_prompt import Job, RequestError
@@ -52,10 +55,15 @@ class Ticket:
 
 
 class Engine:
-    def __init__(self, make_generator: Any, max_queue: int, metrics: Metrics) -> None:
+    """With a tensor-parallel `world`, rank 0 runs this engine for the HTTP side and, each turn, sends
+    the other ranks a log of what it did to the generator (inserts with their seeds, removals); they
+    replay it (`follow`) and step with it, so every rank runs the same batch."""
+
+    def __init__(self, make_generator: Any, max_queue: int, metrics: Metrics, world: Any = None) -> None:
         self._make_generator = make_generator
         self.gen = make_generator()
-        self.max_queue, self.metrics = max_queue, metrics
+        self.max_queue, self.metrics, self.world = max_queue, metrics, world
+        self._log: list[tuple[str, Any]] = []  # this turn's generator changes, for the other ranks
         self._commands: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._queued = 0  # submitted jobs without a first token yet
@@ -90,17 +98,35 @@ class Engine:
         """Serve in this thread until `until()` is true (checked at least every 0.1 s)."""
         while not until():
             self._take_commands(block=self.gen.idle)
+            if self.world is not None:
+                self.world.broadcast(self._log)
+            self._log = []
             self.metrics.observe_generator(self.gen)
-            if self.gen.idle:
-                continue
-            try:
-                events = self.gen.step()
-            except Exception as e:  # noqa: BLE001 - a failed step ends its rows; the server goes on
-                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
-                continue
-            for e in events:
-                self._deliver(e)
-            self.metrics.observe_generator(self.gen)
+            if not self.gen.idle:
+                for e in self._step():
+                    self._deliver(e)
+                self.metrics.observe_generator(self.gen)
+        if self.world is not None:
+            self.world.broadcast(None)  # the other ranks stop following
+
+    def follow(self) -> None:
+        """A rank other than 0: replay rank 0's log and step with it, until rank 0 stops."""
+        while (log := self.world.broadcast(None)) is not None:
+            for kind, value in log:
+                if kind == "insert":
+                    self.gen.insert(value.prompt, value.max_tokens, value.sampling, images=value.images,
+                                    stop=value.stop, logprobs=value.logprobs)
+                else:
+                    self.gen.remove(value)
+            if not self.gen.idle:
+                self._step()
+
+    def _step(self) -> list[BatchEvent]:
+        try:
+            return self.gen.step()
+        except Exception as e:  # noqa: BLE001 - a failed step ends its rows; the server goes on
+            self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            return []
 
     def _take_commands(self, block: bool) -> None:
         """Apply queued commands (waiting up to 0.1 s for one when idle)."""
@@ -113,7 +139,7 @@ class Engine:
                 for t in ticket:
                     self._insert(t)
             elif kind == "cancel" and ticket.uid in self._active:
-                self.gen.remove(ticket.uid)
+                self._remove(ticket.uid)
                 self._finish(ticket)
                 self.metrics.cancelled.inc()
             elif kind == "drain":
@@ -128,6 +154,10 @@ class Engine:
             self._finish(t, ShuttingDown())
             return
         j = t.job
+        if self.world is not None and j.sampling.seed is None and not j.sampling.greedy:
+            # every rank must draw the same numbers: the seed travels with the job
+            j = dataclasses.replace(j, sampling=dataclasses.replace(j.sampling, seed=int(np.random.default_rng(
+                ).integers(2**63 - 1))))
         try:
             t.uid = self.gen.insert(j.prompt, j.max_tokens, j.sampling, images=j.images, stop=j.stop,
                                     logprobs=j.logprobs)
@@ -135,8 +165,13 @@ class Engine:
             code = "context_length_exceeded" if "context" in str(e) else None
             self._finish(t, RequestError(str(e), "prompt", code))
             return
+        self._log.append(("insert", j))
         self._active[t.uid] = t
         t.put(t.uid)
+
+    def _remove(self, uid: int) -> None:
+        self.gen.remove(uid)
+        self._log.append(("remove", uid))
 
     def _deliver(self, e: BatchEvent) -> None:
         t = self._active.get(e.uid)
@@ -170,11 +205,12 @@ class Engine:
 
     def _end_all(self) -> None:
         for t in list(self._active.values()):
-            self.gen.remove(t.uid)
+            self._remove(t.uid)
             t.put(BatchEvent(uid=t.uid, token=None, text="", finish_reason="length"))
             self._finish(t)
 
     def _fail_all(self, message: str) -> None:
+        """A step failed (on every rank alike): end its rows and start a fresh generator."""
         for t in list(self._active.values()):
             t.put(BatchEvent(uid=t.uid, token=None, text="", finish_reason="error", error=message))
             self._finish(t)

@@ -139,3 +139,17 @@ def test_server_load_prompts_share_the_system_part_only() -> None:
     words = [p.split() for p in a + b]
     assert all(len(w) == 10 and w[:4] == words[0][:4] for w in words)
     assert len({tuple(w[4:]) for w in words}) == 6
+
+
+def test_bench_distributed_tiny_reports_one_and_two_ranks() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.bench_distributed", "--size", "tiny", "--backends", "torch",
+           "--prompt-tokens", "12", "--gen-tokens", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert "| backend | ranks |" in proc.stderr
+    assert [(r["backend"], r["ranks"]) for r in result["runs"]] == [("torch", 1), ("torch", 2)]
+    for r in result["runs"]:
+        assert "error" not in r and len(r["per_rank"]) == r["ranks"] and r["same_tokens"]
+        assert all(x["decode_tps"] > 0 and x["peak_rss_gb"] > 0 for x in r["per_rank"])
+    assert result["runs"][0]["per_rank"][0]["tokens"] == result["runs"][1]["per_rank"][0]["tokens"]
