@@ -70,6 +70,29 @@ def _safetensors_weights(files: CheckpointFiles) -> dict[str, mx.array]:
     return source
 
 
+class _PerTensorSafetensors(Mapping[str, mx.array]):
+    """Safetensors tensors opened one at a time, each from a fresh lazy `mx.load`: nothing keeps a
+    tensor once its (tensor-parallel) slice has been copied out, so a rank holds only its share."""
+
+    def __init__(self, files: CheckpointFiles) -> None:
+        self._where: dict[str, str] = {}
+        for path in files.weight_files:
+            check_safetensors(path)
+            try:
+                self._where.update(dict.fromkeys(mx.load(str(path)), str(path)))
+            except (RuntimeError, ValueError) as e:
+                raise ModelFolderError(f"{path}: cannot read safetensors file ({e})") from e
+
+    def __getitem__(self, key: str) -> mx.array:
+        return mx.load(self._where[key])[key]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
 def canonical_weights(files: CheckpointFiles, args: ModelArgs) -> Mapping[str, mx.array]:
     """A lazy mapping of canonical names to MLX arrays for any supported folder."""
     if files.layout == "meta":
@@ -82,7 +105,7 @@ def rank_weights(files: CheckpointFiles, args: ModelArgs, layout: Layout) -> Map
     else lazy slices of the whole."""
     if files.layout == "meta":
         return _meta_weights(files, args, layout)
-    return layout.shard(canonical_weights(files, args), args)
+    return layout.shard(hf_to_canonical(_PerTensorSafetensors(files), args), args)
 
 
 def _unfused_model(path: str | Path, dtype: str | None, show_progress: bool, world: World | None) -> Transformer:
@@ -105,8 +128,8 @@ def _unfused_model(path: str | Path, dtype: str | None, show_progress: bool, wor
         # over such views copy the whole stack on every call, so lay them out row-major once.
         w = mx.contiguous(w)
         items.append((name, w))
-        if show_progress:
-            mx.eval(w)  # materialise tensor by tensor so the bar tracks reading
+        if show_progress or world is not None:
+            mx.eval(w)  # tensor by tensor: the bar tracks reading, and a rank's slices free their sources
     model.load_weights(items, strict=True)
     mx.eval(model.parameters())
     if world is not None:
