@@ -103,3 +103,18 @@ def test_impossible_layouts_name_the_numbers() -> None:
     local = Layout(1, 2).local_args(args)
     assert (local.n_heads, local.n_kv_heads, local.ffn_hidden_dim, local.moe_hidden_dim, local.vocab_size) == (
         2, 1, 48, 24, 64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_quantized_folder_splits_weights_scales_and_biases(backend: str, tmp_path: Path) -> None:
+    from apps.convert import convert
+    from common.args import QuantizationArgs
+
+    args = tiny_args(ffn_hidden_dim=128, moe_hidden_dim=64)  # every split width a multiple of the group of 32
+    src = write_hf(tmp_path / "float", args, random_weights(args, seed=4))
+    folder = convert(src, tmp_path / "q4", QuantizationArgs(group_size=32, bits=4), dtype="float32")
+    single, ranks = run_ranks(backend, folder, tmp_path / "out")
+    for r in ranks:
+        assert np.abs(np.array(r["logits"]) - np.array(single["logits"])).max() < 1e-4
+        assert r["greedy"] == single["greedy"]
+        assert 0.4 < r["param_bytes"] / single["param_bytes"] < 0.6
