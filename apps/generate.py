@@ -30,10 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="image file for a vision model, placed before the prompt text (repeatable)")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
+    # Unset sampling flags take the model folder's generation_config.json values, else these defaults.
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=None, help="default: 1 (off)")
+    p.add_argument("--top-k", type=int, default=None, help="default: 0 (off)")
+    p.add_argument("--min-p", type=float, default=None, help="default: 0 (off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="default: 1 (off)")
+    p.add_argument("--frequency-penalty", type=float, default=None, help="default: 0 (off)")
+    p.add_argument("--presence-penalty", type=float, default=None, help="default: 0 (off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-chat-template", action="store_true", help="plain completion, no chat format")
     p.add_argument("--verbose", action="store_true", help="full tracebacks on errors")
@@ -95,12 +99,20 @@ def _read_line(world) -> str:
     return line if world is None else world.broadcast(line)
 
 
-def run(args: argparse.Namespace) -> int:
-    from apps.backend import load_runner, quiet_unless_first
+def sampling_from(args: argparse.Namespace):
+    """The flags given, else the model folder's generation_config.json, else SamplingParams' defaults."""
+    from common.generation_defaults import generation_defaults
     from common.sampling import SamplingParams
 
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              min_p=args.min_p, seed=args.seed)
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    return SamplingParams(**(generation_defaults(args.model) | given), seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apps.backend import load_runner, quiet_unless_first
+
+    sampling = sampling_from(args)
     runner = load_runner(args.model, args.backend, args.device, args.dtype)
     quiet_unless_first(runner.world)
     if args.image and runner.model.args.vision_args is None:

@@ -53,8 +53,13 @@ class Limits:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: Tokenizer, vision: VisionArgs | None, limits: Limits) -> None:
+    """`defaults`: SamplingParams fields for what a request leaves unset (the model folder's
+    generation_config.json); beyond those, OpenAI's defaults (temperature 1, top_p 1)."""
+
+    def __init__(self, tokenizer: Tokenizer, vision: VisionArgs | None, limits: Limits,
+                 defaults: dict[str, Any] | None = None) -> None:
         self.tokenizer, self.vision, self.limits = tokenizer, vision, limits
+        self.defaults = {"temperature": 1.0, "top_p": 1.0} | (defaults or {})
         specials = tokenizer.special_tokens
         self.chat = ChatFormat(tokenizer, vision) if "<|header_start|>" in specials else None
 
@@ -110,7 +115,7 @@ class PromptBuilder:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOPS or any(not s for s in stop):
             raise RequestError(f"'stop' takes up to {MAX_STOPS} non-empty strings", "stop")
-        return [Job(prompt, images, max_tokens, _sampling(req, i), stop, logprobs) for i in range(req.n)]
+        return [Job(prompt, images, max_tokens, _sampling(req, i, self.defaults), stop, logprobs) for i in range(req.n)]
 
     def _chat_prompt(self, messages: list[Message]) -> tuple[list[int], list[np.ndarray] | None]:
         converted = [{"role": "system" if m.role == "developer" else m.role,
@@ -171,12 +176,12 @@ class PromptBuilder:
             raise RequestError(f"an image could not be decoded ({reason})", "messages") from e
 
 
-def _sampling(req: CommonFields, choice: int) -> SamplingParams:
-    """OpenAI's defaults (temperature 1, top_p 1); choice i of a seeded request samples with seed + i."""
+def _sampling(req: CommonFields, choice: int, defaults: dict[str, Any]) -> SamplingParams:
+    """The request's values, else `defaults`; choice i of a seeded request samples with seed + i."""
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+    given = {f: getattr(req, f) for f in fields if getattr(req, f) is not None}
     try:
-        return SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
-                              top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-                              min_p=req.min_p or 0.0, seed=None if req.seed is None else req.seed + choice)
+        return SamplingParams(**(defaults | given), seed=None if req.seed is None else req.seed + choice)
     except ValueError as e:
         field = str(e).split("'")[1] if "'" in str(e) else None
         raise RequestError(str(e), field) from e

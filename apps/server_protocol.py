@@ -45,6 +45,9 @@ class CommonFields(Request):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1

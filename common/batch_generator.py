@@ -20,6 +20,7 @@ from common.datatypes import BatchEvent, BatchResult
 from common.detokenizer import StreamingDetokenizer
 from common.generation import check_prompt
 from common.image_prompt import PromptImages, prepare_prompt
+from common.penalties import PenaltyBatch
 from common.prompt_cache import PromptCache
 from common.sampling import SamplingBatch, SamplingParams, agreed
 from common.stop_text import StopText
@@ -37,7 +38,8 @@ class BatchOps(Protocol):
     def prefill(self, caches: list, chunks: list[list[int]], starts: np.ndarray,
                 images: list[tuple[Any, PromptImages, int] | None]) -> Any: ...
     def decode(self, caches: list, tokens: Any, positions: np.ndarray) -> Any: ...
-    def sample(self, logits: Any, rows: SamplingBatch, uniforms: np.ndarray) -> Any: ...
+    def sample(self, logits: Any, rows: SamplingBatch, uniforms: np.ndarray,
+               penalties: PenaltyBatch | None = None) -> Any: ...
     def take(self, x: Any, rows: Sequence[int]) -> Any: ...
     def concat(self, parts: Sequence[Any]) -> Any: ...
     def to_list(self, tokens: Any) -> list[int]: ...
@@ -126,7 +128,8 @@ class BatchGenerator:
         logits = self.ops.decode(self._cache, self._tokens, positions)  # [B, V]
         if self._sampling is None:
             self._sampling = SamplingBatch.of([r.sampling for r in rows])
-        tokens = self.ops.sample(logits, self._sampling, np.array([r.random.next() for r in rows]))
+        tokens = self.ops.sample(logits, self._sampling, np.array([r.random.next() for r in rows]),
+                                 PenaltyBatch.of([r.penalties for r in rows]))
         events = self._accept(rows, logits, tokens)
         self._tokens = tokens
         finished = [i for i, e in enumerate(events) if e.finish_reason is not None]
@@ -214,7 +217,8 @@ class BatchGenerator:
         self._prefilling = [r for r in self._prefilling if r not in starting]
         logits = self.ops.take(logits, ready)
         tokens = self.ops.sample(logits, SamplingBatch.of([r.sampling for r in starting]),
-                                 np.array([r.random.next() for r in starting]))
+                                 np.array([r.random.next() for r in starting]),
+                                 PenaltyBatch.of([r.penalties for r in starting]))
         events = self._accept(starting, logits, tokens)
         going = [i for i, e in enumerate(events) if e.finish_reason is None]
         if going:

@@ -12,6 +12,7 @@ from typing import Any
 from common.datatypes import BatchEvent
 from common.detokenizer import StreamingDetokenizer
 from common.image_prompt import PromptImages
+from common.penalties import PenaltyTracker, uses_penalties
 from common.sampling import RowRandom, SamplingParams
 from common.stop_text import StopText
 
@@ -30,6 +31,7 @@ class Row:
     detok: StreamingDetokenizer
     stop_text: StopText
     random: RowRandom = field(init=False)
+    penalties: PenaltyTracker | None = field(init=False)
     cache: list | None = None  # its own single-row caches while prefilling
     done: int = 0  # prompt tokens in the cache
     cached: int = 0  # of those, taken from the prompt cache
@@ -38,6 +40,7 @@ class Row:
 
     def __post_init__(self) -> None:
         self.random = RowRandom(self.sampling.seed)
+        self.penalties = PenaltyTracker(self.sampling, self.prompt) if uses_penalties(self.sampling) else None
 
     @property
     def remaining(self) -> int:
@@ -59,6 +62,8 @@ class Row:
                top: tuple[tuple[int, float], ...] = ()) -> BatchEvent:
         """Record a sampled token and say what it means for the row."""
         self.generated.append(token)
+        if self.penalties is not None:
+            self.penalties.add(token)
         n = len(self.generated)
         finish = None
         if token in self.stop_ids:

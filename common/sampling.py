@@ -18,13 +18,17 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; top_p 1.0, top_k 0 and min_p 0.0 disable their filter."""
+    """temperature 0 = greedy; top_p 1.0, top_k 0 and min_p 0.0 disable their filter; the repetition
+    controls (`common.penalties`) are off at repetition_penalty 1 and frequency / presence penalty 0."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -46,6 +50,11 @@ class SamplingParams:
         need(is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an int >= 0 (0 disables)")
         need(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         need(self.seed is None or (is_int(self.seed) and self.seed >= 0), "seed", "must be None or an int >= 0")
+        need(is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 100, "repetition_penalty",
+             "must be in (0, 100] (1 disables)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            need(is_num(value) and -2 <= value <= 2, name, "must be in [-2, 2] (0 disables)")
 
     @property
     def greedy(self) -> bool:

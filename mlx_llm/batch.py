@@ -15,6 +15,7 @@ import numpy as np
 from common import batch_generator
 from common.datatypes import BatchResult, MaskedEmbedding, TransformerInput
 from common.image_prompt import PromptImages
+from common.penalties import PenaltyBatch
 from common.prompt_cache import PromptCache
 from common.sampling import SamplingBatch, SamplingParams
 from common.tokenizer import Tokenizer
@@ -84,8 +85,9 @@ class MlxBatchOps:
         inp = TransformerInput(tokens=tokens[:, None], tokens_position=positions)  # tokens [B] -> [B, 1]
         return self.model(inp, cache=caches).logits[:, 0]  # [B, V], lazy
 
-    def sample(self, logits: mx.array, rows: SamplingBatch, uniforms: np.ndarray) -> mx.array:
-        return sample_rows(logits, rows, uniforms)
+    def sample(self, logits: mx.array, rows: SamplingBatch, uniforms: np.ndarray,
+               penalties: PenaltyBatch | None = None) -> mx.array:
+        return sample_rows(logits, rows, uniforms, penalties)
 
     def take(self, x: mx.array, rows: Sequence[int]) -> mx.array:
         return x[mx.array(list(rows))]

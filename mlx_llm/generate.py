@@ -11,6 +11,7 @@ import numpy as np
 from common.datatypes import GenerationResponse, MaskedEmbedding, TransformerInput
 from common.generation import check_prompt, process_peak_memory_gb, stream_responses
 from common.image_prompt import PromptImages, prepare_prompt
+from common.penalties import PenaltyBatch, PenaltyTracker, uses_penalties
 from common.sampling import RowRandom, SamplingBatch, SamplingParams, agreed
 from common.tokenizer import Tokenizer
 from mlx_llm.model import Transformer
@@ -55,6 +56,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
     position = cache[0].offset
     check_prompt(prompt, model.args.max_seq_len, position)
     rows, rand = SamplingBatch.of([sampling]), RowRandom(sampling.seed)
+    history = PenaltyTracker(sampling, prompt) if uses_penalties(sampling) else None
 
     ids = mx.array([list(prompt)], dtype=mx.int32)  # [1, L]
     table = _image_table(model, images, ids.shape[1])
@@ -65,15 +67,18 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
         logits = model(inp, cache=cache, last_only=True).logits  # [1, 1, V]: a prefill needs no more
         position += chunk.shape[1]
         mx.eval([a for c in cache for a in (c.keys, c.values) if a is not None])  # bound the lazy graph
-    token = sample_rows(logits[:, -1], rows, np.array([rand.next()]))
+    token = sample_rows(logits[:, -1], rows, np.array([rand.next()]), PenaltyBatch.of([history]))
     mx.async_eval(token)
     ahead = False
     try:
         while position < model.args.max_seq_len:
             # Build and start the next step before waiting for this token, so Python's work overlaps
             # the computation; the cache runs one position ahead until the token is taken.
+            if history is not None:  # the penalties need this token on the host: no running ahead
+                history.add(int(token.item()))
             inp = TransformerInput(tokens=token.reshape(1, 1), tokens_position=position)
-            following = sample_rows(model(inp, cache=cache).logits[:, -1], rows, np.array([rand.next()]))
+            following = sample_rows(model(inp, cache=cache).logits[:, -1], rows, np.array([rand.next()]),
+                                    PenaltyBatch.of([history]))
             mx.async_eval(following)
             position, ahead = position + 1, True
             yield int(token.item())

@@ -7,11 +7,28 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from common.penalties import PenaltyBatch
 from common.sampling import SamplingBatch
 
 
-def sample_rows(logits: mx.array, rows: SamplingBatch, uniforms: np.ndarray) -> mx.array:
-    """Token ids [B] from float32 logits [B, V], lazily (nothing is evaluated here)."""
+def apply_penalties(logits: mx.array, penalties: PenaltyBatch | None) -> mx.array:
+    """The repetition controls on logits [B, V] (`common.penalties`); a penalized copy."""
+    if penalties is None:
+        return logits
+    rows, tokens = mx.array(penalties.rows), mx.array(penalties.tokens)
+    x = logits[rows, tokens]  # [n]
+    divide = mx.array(penalties.divide)
+    x = mx.where(x < 0, x * divide, x / divide) - mx.array(penalties.subtract)
+    out = mx.array(logits)
+    out[rows, tokens] = x
+    return out
+
+
+def sample_rows(logits: mx.array, rows: SamplingBatch, uniforms: np.ndarray,
+                penalties: PenaltyBatch | None = None) -> mx.array:
+    """Token ids [B] from float32 logits [B, V] (after the repetition controls, greedy rows too),
+    lazily (nothing is evaluated here)."""
+    logits = apply_penalties(logits, penalties)
     greedy = mx.argmax(logits, axis=-1)  # [B]; ties go to the lowest id
     if rows.all_greedy:
         return greedy

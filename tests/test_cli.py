@@ -66,3 +66,28 @@ def test_prompt_longer_than_context(tmp_path: Path) -> None:
     r = run("--prompt", "x = 1\n" * 3000, "--max-tokens", "4")
     assert r.returncode == 1
     assert "context" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_sampling_flags_override_the_folders_generation_config() -> None:
+    from apps.generate import build_parser, sampling_from
+    from common.sampling import SamplingParams
+
+    args = build_parser().parse_args([])
+    assert sampling_from(args) == SamplingParams(temperature=0.0, repetition_penalty=1.1)  # the demo's file
+    args = build_parser().parse_args(["--repetition-penalty", "1.0", "--frequency-penalty", "0.5",
+                                      "--presence-penalty", "0.2", "--temperature", "0.7", "--seed", "4"])
+    assert sampling_from(args) == SamplingParams(temperature=0.7, repetition_penalty=1.0, frequency_penalty=0.5,
+                                                 presence_penalty=0.2, seed=4)
+    r = run("--frequency-penalty", "7", "--max-tokens", "2")
+    assert r.returncode == 1 and "frequency_penalty" in r.stderr.strip().splitlines()[-1]
+
+
+def test_generation_config_values_are_checked(tmp_path: Path) -> None:
+    from common.files import ModelFolderError
+    from common.generation_defaults import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text('{"temperature": "hot"}')
+    with pytest.raises(ModelFolderError, match="generation_config.json.*temperature"):
+        generation_defaults(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.9}')
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9}

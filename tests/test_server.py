@@ -19,9 +19,12 @@ from backends import available
 from server_fixture import API_KEY, ServerProcess
 
 from apps.generate import DEMO_MODEL
+from common.generation_defaults import generation_defaults
 from common.sampling import SamplingParams
 
-GREEDY = SamplingParams()
+# What the server uses for what a request leaves unset: the demo folder's generation_config.json
+DEFAULTS = generation_defaults(DEMO_MODEL)
+GREEDY = SamplingParams(**DEFAULTS | {"temperature": 0.0})
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Parser(object):\n    def __init__(self",
            "# Copyright", "x = [", "for i in range(10):\n", "def main():\n    args = ", "try:\n    import"]
 
@@ -169,8 +172,8 @@ def test_n_choices_with_a_seed(served: Served) -> None:
     args = dict(model="demo", prompt=PROMPTS[4], max_tokens=16, temperature=0.9, top_p=0.95, seed=7, n=2)
     first = served.client.completions.create(**args)
     texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
-    want = [served.text(served.solo(PROMPTS[4], 16, SamplingParams(temperature=0.9, top_p=0.95, seed=s)))
-            for s in (7, 8)]
+    want = [served.text(served.solo(PROMPTS[4], 16, SamplingParams(**DEFAULTS | {"temperature": 0.9, "top_p": 0.95},
+                                                                    seed=s))) for s in (7, 8)]
     assert texts == want and texts[0] != texts[1]
     assert [c.text for c in sorted(served.client.completions.create(**args).choices, key=lambda c: c.index)] == want
 
@@ -290,3 +293,13 @@ def test_sigterm_ends_running_streams_and_exits_0(backend_name: str) -> None:
         assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
     finally:
         assert server.stop() == 0
+
+
+def test_repetition_controls_in_requests(served: Served) -> None:
+    r = served.client.completions.create(model="demo", prompt=PROMPTS[6], max_tokens=20, temperature=0,
+                                         frequency_penalty=0.6, presence_penalty=0.2,
+                                         extra_body={"repetition_penalty": 1.3})
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.6, presence_penalty=0.2)
+    assert r.choices[0].text == served.text(served.solo(PROMPTS[6], 20, params))
+    bad = served.post("/v1/completions", {"prompt": "x", "frequency_penalty": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "frequency_penalty"

@@ -15,6 +15,7 @@ import torch
 from common import batch_generator
 from common.datatypes import BatchResult, MaskedEmbedding, TransformerInput
 from common.image_prompt import PromptImages
+from common.penalties import PenaltyBatch
 from common.prompt_cache import PromptCache
 from common.sampling import SamplingBatch, SamplingParams
 from common.tokenizer import Tokenizer
@@ -99,9 +100,10 @@ class TorchBatchOps:
             inp = TransformerInput(tokens=tokens[:, None], tokens_position=positions)  # tokens [B] -> [B, 1]
             return self.model(inp, cache=caches).logits[:, 0]  # [B, V]
 
-    def sample(self, logits: torch.Tensor, rows: SamplingBatch, uniforms: np.ndarray) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, rows: SamplingBatch, uniforms: np.ndarray,
+               penalties: PenaltyBatch | None = None) -> torch.Tensor:
         with torch.inference_mode():
-            return sample_rows(logits, rows, uniforms)
+            return sample_rows(logits, rows, uniforms, penalties)
 
     def take(self, x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         return x[torch.tensor(list(rows), device=x.device)]

@@ -11,6 +11,7 @@ import torch
 from common.datatypes import GenerationResponse, MaskedEmbedding, TransformerInput
 from common.generation import check_prompt, process_peak_memory_gb, stream_responses
 from common.image_prompt import PromptImages, prepare_prompt
+from common.penalties import PenaltyBatch, PenaltyTracker, uses_penalties
 from common.sampling import RowRandom, SamplingBatch, SamplingParams, agreed
 from common.tokenizer import Tokenizer
 from torch_backend.graphs import DecodeRunner
@@ -56,6 +57,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
     check_prompt(prompt, model.args.max_seq_len, position)
     device = next(model.parameters()).device
     rows, rand = SamplingBatch.of([sampling]), RowRandom(sampling.seed)
+    history = PenaltyTracker(sampling, prompt) if uses_penalties(sampling) else None
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # [1, L]
     with torch.inference_mode():
         table = _image_table(model, images, ids.shape[1])
@@ -65,11 +67,14 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
             inp = TransformerInput(tokens=chunk, tokens_position=position, image_embedding=image)
             logits = model(inp, cache=cache, last_only=True).logits  # [1, 1, V]: a prefill needs no more
             position += chunk.shape[1]
-        token = sample_rows(logits[:, -1], rows, np.array([rand.next()]))
+        token = sample_rows(logits[:, -1], rows, np.array([rand.next()]), PenaltyBatch.of([history]))
     # On CUDA the decode step replays a CUDA graph (captured over this cache on first use).
     graphs = DecodeRunner(model, graphs=True) if device.type == "cuda" and model.cuda_graphs else None
     while True:
-        yield int(token.item())
+        taken = int(token.item())
+        if history is not None:
+            history.add(taken)
+        yield taken
         if position >= model.args.max_seq_len:
             return
         with torch.inference_mode():
@@ -80,7 +85,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
             else:
                 inp = TransformerInput(tokens=token.view(1, 1), tokens_position=position)
                 logits = model(inp, cache=cache).logits[:, -1]  # [1, V]
-            token = sample_rows(logits, rows, np.array([rand.next()]))
+            token = sample_rows(logits, rows, np.array([rand.next()]), PenaltyBatch.of([history]))
         position += 1
 
 

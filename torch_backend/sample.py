@@ -7,11 +7,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.penalties import PenaltyBatch
 from common.sampling import SamplingBatch
 
 
-def sample_rows(logits: torch.Tensor, rows: SamplingBatch, uniforms: np.ndarray) -> torch.Tensor:
-    """Token ids [B] from float32 logits [B, V]; no host reads, so the caller decides when to sync."""
+def apply_penalties(logits: torch.Tensor, penalties: PenaltyBatch | None) -> torch.Tensor:
+    """The repetition controls on logits [B, V] (`common.penalties`); a penalized copy."""
+    if penalties is None:
+        return logits
+    dev = logits.device
+    rows, tokens = torch.from_numpy(penalties.rows).to(dev), torch.from_numpy(penalties.tokens).to(dev)
+    x = logits[rows, tokens]  # [n]
+    divide = torch.from_numpy(penalties.divide).to(dev)
+    x = torch.where(x < 0, x * divide, x / divide) - torch.from_numpy(penalties.subtract).to(dev)
+    return logits.index_put((rows, tokens), x)
+
+
+def sample_rows(logits: torch.Tensor, rows: SamplingBatch, uniforms: np.ndarray,
+                penalties: PenaltyBatch | None = None) -> torch.Tensor:
+    """Token ids [B] from float32 logits [B, V] (after the repetition controls, greedy rows too); no
+    host reads, so the caller decides when to sync."""
+    logits = apply_penalties(logits, penalties)
     greedy = logits.argmax(dim=-1)  # [B]; ties go to the lowest id
     if rows.all_greedy:
         return greedy
