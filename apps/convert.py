@@ -81,9 +81,13 @@ def convert(src: str | Path, dst: str | Path, quantization: QuantizationArgs | N
     if args.quantization is not None:
         raise ModelFolderError(f"{src} is already quantized; convert from the float checkpoint")
     if files.layout == "meta":
-        canonical = open_canonical([PthSource(p) for p in files.weight_files], args, meta=True)
+        canonical, text = open_canonical([PthSource(p) for p in files.weight_files], args, meta=True)
     else:
-        canonical = open_canonical([SafetensorsSource(files.weight_files)], args, meta=False)
+        canonical, text = open_canonical([SafetensorsSource(files.weight_files)], args, meta=False)
+    if text is not args:
+        print(f"warning: {src} has a vision_config but no vision weights; converting the text model",
+              file=sys.stderr)
+    args = text
     groups = plan_groups(canonical, args, quantization, dtype)
     shards = shard_groups(groups)
     _check_space(dst.parent, sum(g.nbytes for g in groups))

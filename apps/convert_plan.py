@@ -23,6 +23,7 @@ from common.hf_config import to_hf_text_config
 from common.meta_checkpoint import META_VISION
 from common.names import canonical_shapes
 from common.quant import bf16_bits, can_quantize, from_bf16_bits, packed_shapes, part_names, quantize, round_to
+from common.vision_checkpoint import without_absent_vision
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 BLOCK_VALUES = 1 << 22  # values converted at a time: bounds the float32 temporaries (~16 MB each)
@@ -41,11 +42,15 @@ class Group:
         return sum(e.nbytes for e in self.entries)
 
 
-def open_canonical(sources: Sequence[Mapping[str, Any]], args: ModelArgs, meta: bool) -> Mapping[str, np.ndarray]:
-    """Canonical name -> numpy array (bfloat16 as uint16 bits), each read from the sources on access."""
+def open_canonical(sources: Sequence[Mapping[str, Any]], args: ModelArgs,
+                   meta: bool) -> tuple[Mapping[str, np.ndarray], ModelArgs]:
+    """Canonical name -> numpy array (bfloat16 as uint16 bits), each read from the sources on access,
+    and the config those tensors fill: without its vision part when they hold no vision tensor at all
+    (a text-only export whose config kept its vision_config), else as declared (checked strictly)."""
     canonical = meta_shards_to_canonical(sources, args) if meta else hf_to_canonical(sources[0], args)
+    args = without_absent_vision(args, canonical)
     check_keys(canonical, args)
-    return canonical
+    return canonical, args
 
 
 def _quantize_spec(name: str, shape: tuple[int, ...], spec: QuantizationArgs | None) -> QuantizationArgs | None:
@@ -147,6 +152,8 @@ def output_config(files: CheckpointFiles, args: ModelArgs, quantization: Quantiz
         if config.get("model_type") == "llama4_text":  # mlx-lm knows only the nested form
             config = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
                       "text_config": config}
+        if args.vision_args is None:
+            config.pop("vision_config", None)  # a text-only export: the output says what it holds
     for c in (config, config["text_config"]):
         c.update({k: dtype for k in ("torch_dtype", "dtype") if k in c})
     config.setdefault("torch_dtype", dtype)

@@ -116,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     runner = load_runner(args.model, args.backend, args.device, args.dtype)
     quiet_unless_first(runner.world)
     if args.image and runner.model.args.vision_args is None:
-        raise ValueError(f"--image needs a model with a vision encoder; {args.model} has none")
+        from common.vision_checkpoint import no_vision
+
+        raise ValueError(f"--image needs a model with a vision encoder: {no_vision(runner.model.args)}")
     fmt = _chat_format(runner.tokenizer, args.no_chat_template, runner.model.args.vision_args)
     if not args.chat:
         ids, tiles = _turn_tokens(runner, fmt, args.prompt or DEFAULT_PROMPT, args.system, images=args.image)

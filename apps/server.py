@@ -58,6 +58,7 @@ def build_state(args: argparse.Namespace) -> tuple[Any, Any]:
     from apps.server_prompt import Limits, PromptBuilder
     from common.generation_defaults import generation_defaults
     from common.prompt_cache import PromptCache
+    from common.vision_checkpoint import no_vision
 
     runner = load_runner(args.model, args.backend, args.device, args.dtype, show_progress=False)
     cache = PromptCache(int(args.prompt_cache_gb * 1e9)) if args.prompt_cache_gb > 0 else None
@@ -69,7 +70,8 @@ def build_state(args: argparse.Namespace) -> tuple[Any, Any]:
     metrics = Metrics()
     limits = Limits(max_tokens=args.max_tokens_limit, max_seq_len=runner.model.args.max_seq_len,
                     image_bytes=int(args.max_body_mb * 1e6), image_pixels=args.max_image_pixels)
-    builder = PromptBuilder(runner.tokenizer, runner.model.args.vision_args, limits, generation_defaults(args.model))
+    builder = PromptBuilder(runner.tokenizer, runner.model.args.vision_args, limits, generation_defaults(args.model),
+                            no_vision(runner.model.args))
     return ServerState(engine=Engine(make_generator, args.max_queue, metrics, runner.world), builder=builder,
                        metrics=metrics, model_id=Path(args.model).name, created=int(time.time()),
                        api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 1e6)), runner

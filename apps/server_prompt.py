@@ -57,8 +57,9 @@ class PromptBuilder:
     generation_config.json); beyond those, OpenAI's defaults (temperature 1, top_p 1)."""
 
     def __init__(self, tokenizer: Tokenizer, vision: VisionArgs | None, limits: Limits,
-                 defaults: dict[str, Any] | None = None) -> None:
-        self.tokenizer, self.vision, self.limits = tokenizer, vision, limits
+                 defaults: dict[str, Any] | None = None,
+                 no_vision: str = "this model's config has no vision part") -> None:
+        self.tokenizer, self.vision, self.limits, self.no_vision = tokenizer, vision, limits, no_vision
         self.defaults = {"temperature": 1.0, "top_p": 1.0} | (defaults or {})
         specials = tokenizer.special_tokens
         self.chat = ChatFormat(tokenizer, vision) if "<|header_start|>" in specials else None
@@ -150,7 +151,10 @@ class PromptBuilder:
             return {"type": "text", "text": part.text}
         if part.image_url is None:
             raise RequestError("an 'image_url' content part needs 'image_url'", "messages")
-        return {"type": "image", "image": self._image(part.image_url.url)}
+        image = self._image(part.image_url.url)
+        if self.vision is None:
+            raise RequestError(f"images need a model with a vision encoder; {self.no_vision}", "messages")
+        return {"type": "image", "image": image}
 
     def _image(self, url: str) -> Image.Image:
         """A base64 `data:` URL as a decoded image, within the byte and pixel limits."""

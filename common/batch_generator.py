@@ -24,6 +24,7 @@ from common.penalties import PenaltyBatch
 from common.prompt_cache import PromptCache
 from common.sampling import SamplingBatch, SamplingParams, agreed
 from common.stop_text import StopText
+from common.vision_checkpoint import no_vision
 
 
 class BatchOps(Protocol):
@@ -98,7 +99,8 @@ class BatchGenerator:
             raise ValueError(f"max_tokens: must be an int >= 1, got {max_tokens!r}")
         if not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs: must be an int in [0, {MAX_LOGPROBS}], got {logprobs!r}")
-        ids, prompt_images = prepare_prompt(self.tokenizer, prompt_ids, images, self.vision)
+        ids, prompt_images = prepare_prompt(self.tokenizer, prompt_ids, images, self.vision,
+                                            no_vision=no_vision(self.model.args))
         check_prompt(ids, self.max_seq_len)
         stop_ids, stop_texts = _stops(stop)
         row = Row(uid=self._next_uid, prompt=ids, images=prompt_images,

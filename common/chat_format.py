@@ -67,7 +67,7 @@ def encode_image(image: Any, vision: VisionArgs | None, specials: Mapping[str, i
     from common.image import preprocess_image
 
     if vision is None:
-        raise ValueError("images need a model with a vision encoder; this model's config has none")
+        raise ValueError("images need a model with a vision encoder; this model's config has no vision part")
     tiles, grid = preprocess_image(image, vision.image_size, max_tiles)
     return image_tokens(grid, vision.tokens_per_tile, specials), tiles
 

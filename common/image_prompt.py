@@ -76,16 +76,18 @@ def prompt_images(ids: Sequence[int], tiles: Sequence[np.ndarray], specials: dic
 
 
 def prepare_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], images: Sequence[Any] | None,
-                   vision: VisionArgs | None, max_tiles: int = 16) -> tuple[list[int], PromptImages | None]:
+                   vision: VisionArgs | None, max_tiles: int = 16,
+                   no_vision: str = "this model's config has no vision part") -> tuple[list[int], PromptImages | None]:
     """Prompt ids and their images. A text prompt with images becomes bos, the images, then the text
     (the reference's completion layout); a prompt of ids must already hold the images' tokens.
 
     `images`: PIL images or image files; with a prompt of ids, also preprocessed tiles [N, 3, S, S].
+    `no_vision` says why a model without `vision` takes none (`common.vision_checkpoint.no_vision`).
     """
     if not images:
         return encode_prompt(tokenizer, prompt), None
     if vision is None:
-        raise ValueError("images need a model with a vision encoder; this model's config has none")
+        raise ValueError(f"images need a model with a vision encoder; {no_vision}")
     specials = tokenizer.special_tokens
     if isinstance(prompt, str):
         if any(isinstance(x, np.ndarray) for x in images):

@@ -91,4 +91,12 @@ def without_absent_vision(args: ModelArgs, names: Iterable[str]) -> ModelArgs:
     """
     if args.vision_args is None or any(is_vision_name(n) for n in names):
         return args
-    return dataclasses.replace(args, vision_args=None)
+    return dataclasses.replace(args, vision_args=None, extra={**args.extra, "vision_weights_absent": True})
+
+
+def no_vision(args: ModelArgs) -> str:
+    """Why a model takes no images, for the error a caller raises."""
+    if args.extra.get("vision_weights_absent"):
+        return ("this model's folder has a vision_config but no vision weights (a text-only export), so it "
+                "runs as a text model")
+    return "this model's config has no vision part"

@@ -14,6 +14,7 @@ from common.image_prompt import PromptImages, prepare_prompt
 from common.penalties import PenaltyBatch, PenaltyTracker, uses_penalties
 from common.sampling import RowRandom, SamplingBatch, SamplingParams, agreed
 from common.tokenizer import Tokenizer
+from common.vision_checkpoint import no_vision
 from mlx_llm.model import Transformer
 from mlx_llm.sample import sample_rows
 
@@ -103,7 +104,8 @@ def stream_generate(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequ
     `images` (files or PIL images; tiles with a prompt of ids) go before the text of a text prompt;
     a prompt of ids must already hold their tokens (see `common.image_prompt.prepare_prompt`).
     """
-    ids, prompt_images = prepare_prompt(tokenizer, prompt, images, model.args.vision_args)
+    ids, prompt_images = prepare_prompt(tokenizer, prompt, images, model.args.vision_args,
+                                        no_vision=no_vision(model.args))
     cache = model.make_cache(1) if cache is None else cache
     room = model.args.max_seq_len - cache[0].offset - len(ids)
     steps = generate_step(model, ids, sampling, cache, prefill_step_size, prompt_images)
