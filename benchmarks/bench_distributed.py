@@ -59,8 +59,10 @@ def run_one(backend: str, ranks: int, folder: Path, work: Path, opts: argparse.N
            str(opts.gen_tokens)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=opts.timeout, check=False)
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        return {"backend": backend, "ranks": ranks, "error": (lines[-1] if lines else str(proc.returncode))[-300:]}
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=*")]
+        errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
+        return {"backend": backend, "ranks": ranks, "error": (errors[0] if errors else str(proc.returncode))[-300:],
+                "stderr": proc.stderr[-4000:]}
     per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
     return {"backend": backend, "ranks": ranks, "per_rank": per_rank,
             "same_tokens": all(r["tokens"] == per_rank[0]["tokens"] for r in per_rank)}

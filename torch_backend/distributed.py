@@ -6,6 +6,7 @@ of a tensor-parallel forward, and agreeing on a value (a seed, a command) across
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -57,4 +58,7 @@ def init_world(device: str = "auto") -> World | None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        # Torn down before the interpreter exits: a process group still running its threads at exit
+        # aborts the process ("terminate called without an active exception").
+        atexit.register(dist.destroy_process_group)
     return World()
