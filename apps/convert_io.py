@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from common.files import ModelFolderError
+from common.files import ModelFolderError, read_safetensors_header
 
 # safetensors dtype name <-> numpy storage dtype; BF16 is stored and read as uint16 bit patterns
 ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I64": np.int64,
@@ -42,12 +42,8 @@ def _mapped(path: Path, offset: int, dtype: Any, shape: tuple[int, ...]) -> np.n
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, tensor entries) of a safetensors file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
+    """(offset of the data section, tensor entries) of a safetensors file, checked against the file."""
+    return read_safetensors_header(path)
 
 
 class SafetensorsSource(Mapping[str, np.ndarray]):
@@ -61,6 +57,8 @@ class SafetensorsSource(Mapping[str, np.ndarray]):
                 if entry["dtype"] not in ST_DTYPES:
                     raise ModelFolderError(f"{path}: tensor {key} has dtype {entry['dtype']}, which convert cannot "
                                            f"read (expected one of {', '.join(ST_DTYPES)})")
+                if key in self._where:
+                    raise ModelFolderError(f"{path}: tensor {key} is also in another shard of this checkpoint")
                 self._where[key] = (path, start, entry)
 
     def dtype_name(self, key: str) -> str:

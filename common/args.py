@@ -60,7 +60,8 @@ def _square(v: Any, name: str) -> int:
     if isinstance(v, (list, tuple)):
         require_field(len(v) == 2 and v[0] == v[1], name, f"only square sizes are supported, got {v}")
         v = v[0]
-    require_field(isinstance(v, int) and v > 0, name, f"expected a positive int, got {v!r}")
+    require_field(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16, name,
+                  f"expected a positive int up to 65536, got {v!r:.60}")
     return int(v)
 
 
@@ -122,19 +123,20 @@ class VisionArgs:
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> VisionArgs:
         """Meta `params.json` `vision_args` (all fields required, as in the reference)."""
-        names = ("image_size", "patch_size", "dim", "n_layers", "n_heads", "mlp_ratio", "output_dim",
-                 "pixel_shuffle_ratio")
-        for name in names:
-            require_field(name in p, f"vision_args.{name}", "missing from params.json")
+        from common.config_fields import LAYER_LIMIT, REQUIRED, Fields
+
+        f = Fields(p, "vision_args")
+        for name in ("image_size", "patch_size"):
+            require_field(f.has(name), f"vision_args.{name}", "missing from params.json")
         return cls(
-            image_size=_square(p["image_size"], "vision_args.image_size"),
-            patch_size=_square(p["patch_size"], "vision_args.patch_size"),
-            dim=int(p["dim"]),
-            n_layers=int(p["n_layers"]),
-            n_heads=int(p["n_heads"]),
-            mlp_ratio=float(p["mlp_ratio"]),
-            output_dim=int(p["output_dim"]),
-            pixel_shuffle_ratio=float(p["pixel_shuffle_ratio"]),
+            image_size=_square(f.get("image_size"), "vision_args.image_size"),
+            patch_size=_square(f.get("patch_size"), "vision_args.patch_size"),
+            dim=f.int("dim"),
+            n_layers=f.int("n_layers", hi=LAYER_LIMIT),
+            n_heads=f.int("n_heads"),
+            mlp_ratio=f.float("mlp_ratio", REQUIRED, lo=1e-3, hi=1e3),
+            output_dim=f.int("output_dim"),
+            pixel_shuffle_ratio=f.float("pixel_shuffle_ratio", REQUIRED, lo=1e-3, hi=1),
         )
 
     @classmethod
@@ -145,23 +147,26 @@ class VisionArgs:
         pixel-shuffled width dim / ratio^2 in the real models) and the projector from
         `vision_output_dim`, so those must agree with the ViT and adapter widths.
         """
-        dim, ratio = int(c.get("hidden_size", 1408)), float(c.get("pixel_shuffle_ratio", 0.5))
-        hidden = int(c.get("intermediate_size", 5632))
-        out = {k: int(c[k]) for k in ("vision_output_dim", "projector_input_dim", "projector_output_dim") if k in c}
+        from common.config_fields import LAYER_LIMIT, Fields
+
+        f = Fields(c, "vision_config")
+        dim, ratio = f.int("hidden_size", 1408), f.float("pixel_shuffle_ratio", 0.5, lo=1e-3, hi=1)
+        hidden = f.int("intermediate_size", 5632)
+        out = {k: f.int(k) for k in ("vision_output_dim", "projector_input_dim", "projector_output_dim") if f.has(k)}
         require_field(len(set(out.values())) <= 1, "vision_config.vision_output_dim",
                  f"vision_output_dim, projector_input_dim and projector_output_dim must be equal, got {out}")
-        rope = c.get("rope_parameters") or {}
+        rope = f.sub("rope_parameters") or Fields({}, "vision_config.rope_parameters")
         args = cls(
-            image_size=_square(c.get("image_size", 336), "vision_config.image_size"),
-            patch_size=_square(c.get("patch_size", 14), "vision_config.patch_size"),
+            image_size=_square(f.get("image_size", 336), "vision_config.image_size"),
+            patch_size=_square(f.get("patch_size", 14), "vision_config.patch_size"),
             dim=dim,
-            n_layers=int(c.get("num_hidden_layers", 34)),
-            n_heads=int(c.get("num_attention_heads", 16)),
+            n_layers=f.int("num_hidden_layers", 34, hi=LAYER_LIMIT),
+            n_heads=f.int("num_attention_heads", 16),
             mlp_ratio=hidden / dim,
             output_dim=next(iter(out.values()), 4096),
             pixel_shuffle_ratio=ratio,
-            norm_eps=float(c.get("norm_eps", 1e-5)),
-            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            norm_eps=f.float("norm_eps", 1e-5, lo=0),
+            rope_theta=rope.float("rope_theta", f.float("rope_theta", 10000.0, lo=1e-6), lo=1e-6),
         )
         require_field(args.hidden_dim == hidden, "vision_config.intermediate_size",
                  f"{hidden} is not a whole multiple of hidden_size {dim} that round-trips")

@@ -12,79 +12,83 @@ if TYPE_CHECKING:
     from common.args import ModelArgs
 
 from common.args import MoEArgs, QuantizationArgs, RopeScaling, VisionArgs
+from common.config_fields import CONTEXT_LIMIT, LAYER_LIMIT, VOCAB_LIMIT, Fields
 
 
 def _bad(name: str, msg: str) -> ValueError:
     return ValueError(f"invalid config.json: field '{name}': {msg}")
 
 
-def _rope(c: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    params = c.get("rope_parameters")
+def _rope(c: Fields) -> tuple[float, RopeScaling | None]:
+    params = c.sub("rope_parameters")
     if params is None:
-        params = dict(c.get("rope_scaling") or {})
-        params.setdefault("rope_theta", c.get("rope_theta", 500000.0))
-    theta = float(params.get("rope_theta", c.get("rope_theta", 500000.0)))
+        params = c.sub("rope_scaling") or Fields({}, "rope_scaling")
+    theta = params.float("rope_theta", c.float("rope_theta", 500000.0, lo=1e-6), lo=1e-6)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in (None, "default"):
         return theta, None
     if kind != "llama3":
-        raise _bad("rope_scaling.rope_type", f"expected 'default' or 'llama3', got {kind!r}")
+        raise _bad("rope_scaling.rope_type", f"expected 'default' or 'llama3', got {kind!r:.60}")
     return theta, RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        factor=params.float("factor", lo=1e-6),
+        low_freq_factor=params.float("low_freq_factor", 1.0, lo=1e-6),
+        high_freq_factor=params.float("high_freq_factor", 4.0, lo=1e-6),
+        original_max_position_embeddings=params.int("original_max_position_embeddings", 8192, hi=CONTEXT_LIMIT),
     )
 
 
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    kind = config.get("model_type")
+def _text_config(config: dict[str, Any]) -> Fields:
+    kind = config.get("model_type") if isinstance(config, dict) else None
     if kind == "llama4":
         if not isinstance(config.get("text_config"), dict):
             raise _bad("text_config", "model_type 'llama4' needs a text_config object")
-        return config["text_config"]
+        return Fields(config["text_config"], "text_config")
     if kind == "llama4_text":
-        return config
-    raise _bad("model_type", f"expected 'llama4' or 'llama4_text', got {kind!r}")
+        return Fields(config, "")
+    raise _bad("model_type", f"expected 'llama4' or 'llama4_text', got {kind!r:.60}")
+
+
+def _layers(c: Fields, n_layers: int) -> tuple[tuple[bool, ...], tuple[int, ...], MoEArgs | None]:
+    """RoPE flag per layer, MoE layer indices and the MoE config."""
+    no_rope = c.int_list("no_rope_layers", 0, 1, max_len=n_layers)
+    if no_rope:
+        if len(no_rope) != n_layers:
+            raise _bad("no_rope_layers", f"expected {n_layers} entries, got {len(no_rope)}")
+        rope_layers = tuple(bool(v) for v in no_rope)
+    else:
+        interval = c.int("no_rope_layer_interval", 4, hi=LAYER_LIMIT)
+        rope_layers = tuple((i + 1) % interval != 0 for i in range(n_layers))
+    step = c.int("interleave_moe_layer_step", 1, lo=0, hi=LAYER_LIMIT)
+    moe_layers = c.int_list("moe_layers", 0, n_layers - 1, max_len=n_layers)
+    if moe_layers is None:
+        moe_layers = list(range(step - 1, n_layers, step)) if step > 0 else []
+    moe_args = None
+    if moe_layers:
+        moe_args = MoEArgs(num_experts=c.int("num_local_experts", 16), top_k=c.int("num_experts_per_tok", 1),
+                           interleave_moe_layer_step=max(step, 1))
+    return rope_layers, tuple(moe_layers), moe_args
+
+
+def _quantization(config: dict[str, Any]) -> QuantizationArgs | None:
+    raw = config.get("quantization") or config.get("quantization_config")
+    if raw is None:
+        return None
+    quant = Fields(raw, "quantization")
+    if not quant.has("bits"):
+        return None
+    if quant.get("mode", "affine") != "affine":
+        raise _bad("quantization.mode", f"only MLX affine quantization is supported, got {quant.get('mode')!r:.60}")
+    return QuantizationArgs(group_size=quant.int("group_size"), bits=quant.int("bits"))
 
 
 def parse_hf_config(cls: type[ModelArgs], config: dict[str, Any]) -> ModelArgs:
     c = _text_config(config)
-    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if name not in c:
-            raise _bad(name, "missing")
-    dim, n_layers, n_heads = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["num_attention_heads"])
-    n_kv = int(c.get("num_key_value_heads") or n_heads)
-    head_dim = int(c.get("head_dim") or dim // n_heads)
+    dim, n_layers = c.int("hidden_size"), c.int("num_hidden_layers", hi=LAYER_LIMIT)
+    n_heads = c.int("num_attention_heads")
+    n_kv = c.int("num_key_value_heads", n_heads)
+    head_dim = c.int("head_dim", max(dim // n_heads, 1))
     theta, scaling = _rope(c)
-
-    no_rope = c.get("no_rope_layers") or []
-    if no_rope:
-        if len(no_rope) != n_layers:
-            raise _bad("no_rope_layers", f"expected {n_layers} entries, got {len(no_rope)}")
-        rope_layers = tuple(bool(int(v)) for v in no_rope)
-    else:
-        interval = int(c.get("no_rope_layer_interval", 4))
-        rope_layers = tuple((i + 1) % interval != 0 for i in range(n_layers))
-
-    n_experts = int(c.get("num_local_experts", 16))
-    step = int(c.get("interleave_moe_layer_step", 1))
-    moe_layers = c.get("moe_layers")
-    if moe_layers is None:
-        moe_layers = list(range(step - 1, n_layers, step)) if step > 0 else []
-    moe_layers = tuple(int(i) for i in moe_layers)
-    moe_args = None
-    if moe_layers:
-        moe_args = MoEArgs(num_experts=n_experts, top_k=int(c.get("num_experts_per_tok", 1)),
-                           interleave_moe_layer_step=max(step, 1))
-
-    tuning = c.get("attn_temperature_tuning", True)
-    quant = config.get("quantization") or config.get("quantization_config")
-    quantization = None
-    if quant is not None and "bits" in quant:
-        if quant.get("mode", "affine") != "affine":
-            raise _bad("quantization.mode", f"only MLX affine quantization is supported, got {quant['mode']!r}")
-        quantization = QuantizationArgs(group_size=int(quant["group_size"]), bits=int(quant["bits"]))
+    rope_layers, moe_layers, moe_args = _layers(c, n_layers)
     vision = None
     if config.get("model_type") == "llama4" and isinstance(config.get("vision_config"), dict):
         vision = VisionArgs.from_hf_config(config["vision_config"])
@@ -93,24 +97,25 @@ def parse_hf_config(cls: type[ModelArgs], config: dict[str, Any]) -> ModelArgs:
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
-        vocab_size=int(c["vocab_size"]),
+        vocab_size=c.int("vocab_size", hi=VOCAB_LIMIT),
         head_dim=head_dim,
-        ffn_hidden_dim=int(c.get("intermediate_size_mlp", 16384)),
-        norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+        ffn_hidden_dim=c.int("intermediate_size_mlp", 16384),
+        norm_eps=c.float("rms_norm_eps", 1e-5, lo=0),
         rope_theta=theta,
         rope_scaling=scaling,
-        attention_chunk_size=c.get("attention_chunk_size", 8192),
-        use_qk_norm=bool(c.get("use_qk_norm", True)),
-        attn_temperature_tuning=bool(tuning),
-        floor_scale=float(c.get("floor_scale", 8192)),
-        attn_scale=float(c.get("attn_scale", 0.1)),
+        attention_chunk_size=c.int("attention_chunk_size", None, hi=CONTEXT_LIMIT) if "attention_chunk_size" in
+        c.d else 8192,
+        use_qk_norm=c.bool("use_qk_norm", True),
+        attn_temperature_tuning=c.bool("attn_temperature_tuning", True),
+        floor_scale=c.float("floor_scale", 8192.0, lo=1e-6),
+        attn_scale=c.float("attn_scale", 0.1),
         moe_args=moe_args,
-        moe_hidden_dim=int(c.get("intermediate_size", 8192)),
+        moe_hidden_dim=c.int("intermediate_size", 8192),
         rope_layers=rope_layers,
         moe_layers=moe_layers,
-        max_seq_len=int(c.get("max_position_embeddings", 131072)),
+        max_seq_len=c.int("max_position_embeddings", 131072, hi=CONTEXT_LIMIT),
         vision_args=vision,
-        quantization=quantization,
+        quantization=_quantization(config),
     )
 
 

@@ -21,6 +21,9 @@ MAX_TILES = 16
 ImageLike = Image.Image | str | Path
 
 
+MAX_PIXELS = 64 << 20  # 67M pixels: far beyond what the tiles use, far below what exhausts memory
+
+
 class ImageError(ValueError):
     """An image file that cannot be read or decoded; the message names the file."""
 
@@ -91,6 +94,9 @@ def load_image(image: ImageLike) -> Image.Image:
     try:
         if not isinstance(image, Image.Image):
             with Image.open(Path(image).expanduser()) as f:
+                w, h = f.size
+                if w * h > MAX_PIXELS:  # before decoding: a small file can claim a huge image
+                    raise ImageError(f"{name}: {w}x{h} pixels, more than the {MAX_PIXELS} this program decodes")
                 f.load()  # decode now, so a truncated file fails here
                 image = f.copy()
         if image.mode == "RGBA":
@@ -98,6 +104,8 @@ def load_image(image: ImageLike) -> Image.Image:
             rgb.paste(image, mask=image.getchannel("A"))
             return rgb
         return image.convert("RGB")
+    except ImageError:
+        raise
     except FileNotFoundError as e:
         raise ImageError(f"{name}: image file not found") from e
     except UnidentifiedImageError as e:

@@ -64,9 +64,13 @@ def _safetensors_weights(files: CheckpointFiles) -> dict[str, mx.array]:
     for path in files.weight_files:
         check_safetensors(path)
         try:
-            source.update(mx.load(str(path)))
+            arrays = mx.load(str(path))
         except (RuntimeError, ValueError) as e:
             raise ModelFolderError(f"{path}: cannot read safetensors file ({e})") from e
+        twice = [k for k in arrays if k in source]
+        if twice:
+            raise ModelFolderError(f"{path}: tensor {twice[0]} is also in another shard of this checkpoint")
+        source.update(arrays)
     return source
 
 
@@ -77,11 +81,11 @@ class _PerTensorSafetensors(Mapping[str, mx.array]):
     def __init__(self, files: CheckpointFiles) -> None:
         self._where: dict[str, str] = {}
         for path in files.weight_files:
-            check_safetensors(path)
-            try:
-                self._where.update(dict.fromkeys(mx.load(str(path)), str(path)))
-            except (RuntimeError, ValueError) as e:
-                raise ModelFolderError(f"{path}: cannot read safetensors file ({e})") from e
+            names = check_safetensors(path)
+            twice = [k for k in names if k in self._where]
+            if twice:
+                raise ModelFolderError(f"{path}: tensor {twice[0]} is also in another shard of this checkpoint")
+            self._where.update(dict.fromkeys(names, str(path)))
 
     def __getitem__(self, key: str) -> mx.array:
         return mx.load(self._where[key])[key]

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import codecs
 import io
-import json
 import mmap
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,14 @@ import torch
 
 from common.args import ModelArgs
 from common.checkpoint import checked_items, hf_to_canonical, meta_shards_to_canonical
-from common.files import CheckpointFiles, ModelFolderError, check_safetensors, find_checkpoint, read_args
+from common.files import (
+    CheckpointFiles,
+    ModelFolderError,
+    check_model_size,
+    find_checkpoint,
+    read_args,
+    read_safetensors_header,
+)
 from common.progress import progress
 from common.tensor_parallel import Layout, meta_rank_weights
 from common.tokenizer import Tokenizer, load_tokenizer_files
@@ -51,16 +56,15 @@ class _SafetensorsMapping(Mapping):
         self._where: dict[str, tuple[mmap.mmap, int, dict[str, Any]]] = {}
         self._last: tuple[str, torch.Tensor, mmap.mmap, int, int] | None = None
         for path in paths:
-            check_safetensors(path)
+            start, header = read_safetensors_header(path)
             with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            header.pop("__metadata__", None)
             for key, entry in header.items():
-                if entry.get("dtype") not in _ST_DTYPES:
-                    raise ModelFolderError(f"{path}: {key} has dtype {entry.get('dtype')!r}, which torch cannot read")
-                self._where[key] = (mapped, 8 + n, entry)
+                if entry["dtype"] not in _ST_DTYPES:
+                    raise ModelFolderError(f"{path}: {key} has dtype {entry['dtype']!r}, which torch cannot read")
+                if key in self._where:
+                    raise ModelFolderError(f"{path}: tensor {key} is also in another shard of this checkpoint")
+                self._where[key] = (mapped, start, entry)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._last is not None:
@@ -140,6 +144,7 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     args = without_absent_vision(args, weights)  # text-only conversions keep a vision_config
     target_device = pick_device("auto" if device is None else str(device))
     target_dtype = resolve_dtype(dtype) or _stored_dtype(weights)
+    check_model_size(files, args, target_dtype.itemsize * (1 if world is None else world.size))
     weights = dequantized(weights, args, target_dtype)  # MLX quantized tensors, expanded on load
     with torch.device("meta"):
         model = Transformer(args)
