@@ -294,3 +294,18 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(hf_fo
     (case / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFolderError, match="far more than"):
         load_model(case, dtype="float32", device="cpu")
+
+
+def test_programs_report_a_broken_file_in_one_line(hf_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    from apps.convert import main as convert_main
+    from apps.generate import main as generate_main
+
+    case = hf_folder.parent / "case-cli"
+    shutil.rmtree(case, ignore_errors=True)
+    shutil.copytree(hf_folder, case)
+    raw = (case / "model.safetensors").read_bytes()
+    (case / "model.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated
+    assert generate_main(["--model", str(case), "--backend", "torch", "--max-tokens", "2"]) == 1
+    assert convert_main(["--model", str(case), "--out", str(case.parent / "case-cli-out")]) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 2 and all("model.safetensors" in ln for ln in lines)
