@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apps.convert",
                                 description="Convert a Meta native or Hugging Face Llama 4 checkpoint to an MLX "
                                             "folder (mlx-lm layout), optionally quantized.")
-    p.add_argument("--model", required=True, help="source folder (Meta native or Hugging Face)")
+    p.add_argument("--model", required=True,
+                   help="source folder (Meta native or Hugging Face) or Hugging Face Hub id org/name")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of an org/name --model")
     p.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize linears, experts and the embedding")
     p.add_argument("--q-bits", type=int, choices=[4, 8], default=4, help="bits per weight (default 4)")
@@ -160,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     quantization = QuantizationArgs(group_size=args.q_group_size, bits=args.q_bits) if args.quantize else None
 
     def body() -> int:
-        out = convert(args.model, args.out, quantization, args.dtype, args.force, show_progress=True)
+        from common.hub import resolve_model
+
+        source = resolve_model(args.model, args.revision)  # a Hub id becomes its cached snapshot
+        out = convert(source, args.out, quantization, args.dtype, args.force, show_progress=True)
         what = f"{quantization.bits}-bit, group size {quantization.group_size}" if quantization else "not quantized"
         print(f"wrote {out} ({what})", file=sys.stderr)
         return 0

@@ -18,7 +18,9 @@ DEFAULT_PROMPT = "def fibonacci(n):"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apps.generate", description="Generate text with a Llama 4 model.")
-    p.add_argument("--model", default=DEMO_MODEL, help="model folder (default: the bundled demo model)")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help="model folder or Hugging Face Hub id org/name (default: the bundled demo model)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of an org/name --model")
     p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="torch device")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -110,6 +112,9 @@ def sampling_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.hub import resolve_model
+
+    args.model = str(resolve_model(args.model, args.revision))  # a Hub id becomes its cached snapshot
     from apps.backend import load_runner, quiet_unless_first
 
     sampling = sampling_from(args)

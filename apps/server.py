@@ -23,7 +23,9 @@ from apps.generate import DEMO_MODEL
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apps.server", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=DEMO_MODEL, help="model folder (default: the bundled demo model)")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help="model folder or Hugging Face Hub id org/name (default: the bundled demo model)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of an org/name --model")
     p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="torch device")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -57,9 +59,13 @@ def build_state(args: argparse.Namespace) -> tuple[Any, Any]:
     from apps.server_metrics import Metrics
     from apps.server_prompt import Limits, PromptBuilder
     from common.generation_defaults import generation_defaults
+    from common.hub import is_hub_id, resolve_model
     from common.prompt_cache import PromptCache
     from common.vision_checkpoint import no_vision
 
+    hub = not Path(args.model).expanduser().exists() and is_hub_id(args.model)
+    model_id = args.model if hub else None  # a Hub model is known by its id
+    args.model = str(resolve_model(args.model, args.revision))  # a Hub id becomes its cached snapshot
     runner = load_runner(args.model, args.backend, args.device, args.dtype, show_progress=False)
     cache = PromptCache(int(args.prompt_cache_gb * 1e9)) if args.prompt_cache_gb > 0 else None
 
@@ -73,7 +79,7 @@ def build_state(args: argparse.Namespace) -> tuple[Any, Any]:
     builder = PromptBuilder(runner.tokenizer, runner.model.args.vision_args, limits, generation_defaults(args.model),
                             no_vision(runner.model.args))
     return ServerState(engine=Engine(make_generator, args.max_queue, metrics, runner.world), builder=builder,
-                       metrics=metrics, model_id=Path(args.model).name, created=int(time.time()),
+                       metrics=metrics, model_id=model_id or Path(args.model).name, created=int(time.time()),
                        api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 1e6)), runner
 
 

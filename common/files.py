@@ -40,7 +40,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
@@ -65,7 +65,7 @@ def _meta_files(folder: Path) -> tuple[Path, ...]:
 def _hf_files(folder: Path) -> tuple[Path, ...]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelFolderError(f"{index}: missing or empty 'weight_map'")
         names = sorted(set(map(str, weight_map.values())))
@@ -104,7 +104,7 @@ def find_checkpoint(path: str | Path) -> CheckpointFiles:
 
 def read_args(files: CheckpointFiles) -> ModelArgs:
     """The ModelArgs of a folder; config errors name the file."""
-    config = _read_json(files.config_file)
+    config = read_json(files.config_file)
     try:
         if files.layout == "meta":
             return ModelArgs.from_params(config)

@@ -16,6 +16,7 @@ import mlx.core as mx
 from common.args import ModelArgs
 from common.checkpoint import LazyDict, checked_items, hf_to_canonical, meta_shards_to_canonical
 from common.files import CheckpointFiles, ModelFolderError, check_safetensors, find_checkpoint, read_args
+from common.hub import resolve_model
 from common.progress import progress
 from common.quant import declared_specs
 from common.tensor_parallel import Layout, meta_rank_weights
@@ -113,7 +114,7 @@ def rank_weights(files: CheckpointFiles, args: ModelArgs, layout: Layout) -> Map
 
 
 def _unfused_model(path: str | Path, dtype: str | None, show_progress: bool, world: World | None) -> Transformer:
-    files = find_checkpoint(path)
+    files = find_checkpoint(resolve_model(path))
     args = read_args(files)
     if world is None:
         weights = canonical_weights(files, args)
@@ -142,19 +143,21 @@ def _unfused_model(path: str | Path, dtype: str | None, show_progress: bool, wor
 
 
 def load_model(path: str | Path, dtype: str | None = None, show_progress: bool = False,
-               world: World | None = None) -> Transformer:
+               world: World | None = None, revision: str | None = None) -> Transformer:
     """The model in `path` in `dtype` (default: as stored), its projections fused. `world`
-    (`mlx_llm.distributed.init_world()`): load only this rank's tensor-parallel share."""
-    model = _unfused_model(path, dtype, show_progress, world)
+    (`mlx_llm.distributed.init_world()`): load only this rank's tensor-parallel share. `path` may be
+    a Hugging Face Hub id (`org/name`, at `revision`; a local folder of that name wins)."""
+    model = _unfused_model(resolve_model(path, revision), dtype, show_progress, world)
     model.fuse()  # after the loader's references to the source arrays are gone, so they free as it goes
     return model
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    return load_tokenizer_files(Path(path))
+def load_tokenizer(path: str | Path, revision: str | None = None) -> Tokenizer:
+    return load_tokenizer_files(resolve_model(path, revision))
 
 
 def load(path: str | Path, dtype: str | None = None, show_progress: bool = False,
-         world: World | None = None) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer from one folder."""
-    return load_model(path, dtype, show_progress, world), load_tokenizer(path)
+         world: World | None = None, revision: str | None = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer from one folder, or a Hugging Face Hub id (`org/name`, at `revision`)."""
+    folder = resolve_model(path, revision)
+    return load_model(folder, dtype, show_progress, world), load_tokenizer(folder)

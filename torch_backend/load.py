@@ -28,6 +28,7 @@ from common.files import (
     read_args,
     read_safetensors_header,
 )
+from common.hub import resolve_model
 from common.progress import progress
 from common.tensor_parallel import Layout, meta_rank_weights
 from common.tokenizer import Tokenizer, load_tokenizer_files
@@ -130,11 +131,13 @@ def _stored_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
 
 
 def load_model(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
-               show_progress: bool = False, cuda_graphs: bool = True, world: World | None = None) -> Transformer:
+               show_progress: bool = False, cuda_graphs: bool = True, world: World | None = None,
+               revision: str | None = None) -> Transformer:
     """The model in `path` on `device` (default: cuda > mps > cpu) in `dtype` (default: as stored).
     `cuda_graphs`: on CUDA, decode through CUDA graphs (`torch_backend.graphs`); False decodes eagerly.
-    `world` (`torch_backend.distributed.init_world()`): load only this rank's tensor-parallel share."""
-    files = find_checkpoint(path)
+    `world` (`torch_backend.distributed.init_world()`): load only this rank's tensor-parallel share.
+    `path` may be a Hugging Face Hub id (`org/name`, at `revision`; a local folder of that name wins)."""
+    files = find_checkpoint(resolve_model(path, revision))
     args = read_args(files)
     if world is None:
         weights = canonical_weights(files, args)
@@ -168,12 +171,13 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     return model.eval()  # inference only: no autograd graphs
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    return load_tokenizer_files(Path(path))
+def load_tokenizer(path: str | Path, revision: str | None = None) -> Tokenizer:
+    return load_tokenizer_files(resolve_model(path, revision))
 
 
 def load(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
-         show_progress: bool = False, cuda_graphs: bool = True,
-         world: World | None = None) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer from one folder."""
-    return load_model(path, dtype, device, show_progress, cuda_graphs, world), load_tokenizer(path)
+         show_progress: bool = False, cuda_graphs: bool = True, world: World | None = None,
+         revision: str | None = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer from one folder, or a Hugging Face Hub id (`org/name`, at `revision`)."""
+    folder = resolve_model(path, revision)
+    return load_model(folder, dtype, device, show_progress, cuda_graphs, world), load_tokenizer(folder)
