@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.batch_request import MAX_LOGPROBS, Row
-from common.datatypes import BatchEvent, BatchResult
+from common.batch_request import MAX_LOGPROBS, Row, parse_stop
+from common.datatypes import BatchEvent
 from common.detokenizer import StreamingDetokenizer
 from common.generation import check_prompt
 from common.image_prompt import PromptImages, prepare_prompt
@@ -45,16 +45,6 @@ class BatchOps(Protocol):
     def concat(self, parts: Sequence[Any]) -> Any: ...
     def to_list(self, tokens: Any) -> list[int]: ...
     def logprobs(self, logits: Any, tokens: Any, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
-
-
-def _stops(stop: Any) -> tuple[frozenset[int], tuple[str, ...]]:
-    """`stop`: None, a str, an int token id, or a list of those -> (extra stop ids, stop strings)."""
-    items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
-    ids = [s for s in items if isinstance(s, int) and not isinstance(s, bool)]
-    texts = [s for s in items if isinstance(s, str)]
-    if len(ids) + len(texts) != len(items):
-        raise ValueError(f"stop: expected strings or token ids, got {stop!r}")
-    return frozenset(ids), tuple(texts)
 
 
 class BatchGenerator:
@@ -102,7 +92,7 @@ class BatchGenerator:
         ids, prompt_images = prepare_prompt(self.tokenizer, prompt_ids, images, self.vision,
                                             no_vision=no_vision(self.model.args))
         check_prompt(ids, self.max_seq_len)
-        stop_ids, stop_texts = _stops(stop)
+        stop_ids, stop_texts = parse_stop(stop)
         row = Row(uid=self._next_uid, prompt=ids, images=prompt_images,
                   limit=min(max_tokens, self.max_seq_len - len(ids)), sampling=sampling, logprobs=logprobs,
                   stop_ids=frozenset(self.tokenizer.stop_tokens) | stop_ids,
@@ -235,31 +225,3 @@ class BatchGenerator:
             r.cache = r.table = None
         return events
 
-
-def run_batch(gen: BatchGenerator, prompts: Sequence[str | Sequence[int]], max_tokens: int,
-              sampling: SamplingParams | Sequence[SamplingParams] | None,
-              images: Sequence[Sequence[Any] | None] | None) -> list[BatchResult]:
-    """`batch_generate`'s loop: every prompt through `gen`, one result per prompt, in order."""
-    n = len(prompts)
-    params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
-    pics = [None] * n if images is None else list(images)
-    if len(params) != n or len(pics) != n:
-        raise ValueError(f"batch_generate: {n} prompts need {n} sampling parameters and {n} image lists, "
-                         f"got {len(params)} and {len(pics)}")
-    uids = [gen.insert(p, max_tokens, s, i) for p, s, i in zip(prompts, params, pics, strict=True)]
-    texts: dict[int, list[str]] = {u: [] for u in uids}
-    tokens: dict[int, list[int]] = {u: [] for u in uids}
-    ends: dict[int, BatchEvent] = {}
-    while len(ends) < n:
-        for e in gen.step():
-            texts[e.uid].append(e.text)
-            if e.token is not None:
-                tokens[e.uid].append(e.token)
-            if e.finish_reason is not None:
-                ends[e.uid] = e
-    for e in ends.values():
-        if e.finish_reason == "error":
-            raise ValueError(f"batch_generate: prompt {uids.index(e.uid)}: {e.error}")
-    return [BatchResult(text="".join(texts[u]), tokens=tokens[u], finish_reason=ends[u].finish_reason or "",
-                        prompt_tokens=ends[u].prompt_tokens, generation_tokens=ends[u].generation_tokens,
-                        cached_tokens=ends[u].cached_tokens) for u in uids]

@@ -89,3 +89,13 @@ class Row:
 
     def fail(self, error: str) -> BatchEvent:
         return self.event(None, "", "error", error=error)
+
+
+def parse_stop(stop: Any) -> tuple[frozenset[int], tuple[str, ...]]:
+    """`stop`: None, a str, an int token id, or a list of those -> (extra stop ids, stop strings)."""
+    items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+    ids = [s for s in items if isinstance(s, int) and not isinstance(s, bool)]
+    texts = [s for s in items if isinstance(s, str)]
+    if len(ids) + len(texts) != len(items):
+        raise ValueError(f"stop: expected strings or token ids, got {stop!r}")
+    return frozenset(ids), tuple(texts)

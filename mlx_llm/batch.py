@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from common import batch_generator
+from common.batch_run import run_batch
 from common.datatypes import BatchResult, MaskedEmbedding, TransformerInput
 from common.image_prompt import PromptImages
 from common.penalties import PenaltyBatch
@@ -117,4 +118,4 @@ def batch_generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[s
     """Generate for every prompt (text or ids, any lengths) in one continuous batch; one result per prompt.
     `sampling`: one SamplingParams for all or one per prompt; `images`: None or one list (or None) per prompt."""
     gen = BatchGenerator(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size)
-    return batch_generator.run_batch(gen, prompts, max_tokens, sampling, images)
+    return run_batch(gen, prompts, max_tokens, sampling, images)
