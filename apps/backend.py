@@ -54,9 +54,10 @@ class Runner:
 
 
 def load_runner(path: str, backend: str = "auto", device: str = "auto", dtype: str | None = None,
-                show_progress: bool = True) -> Runner:
+                show_progress: bool = True, dequantize: bool = False) -> Runner:
     """The model, loaded as this process's tensor-parallel share when a launcher started several
-    (torchrun for torch, mlx.launch for MLX), else whole."""
+    (torchrun for torch, mlx.launch for MLX), else whole. `dequantize`: torch expands a 4-bit / 8-bit
+    folder to its float dtype instead of keeping it packed (`torch_backend.quantize`)."""
     name = pick_backend(backend)
     if name == "torch":
         import torch_backend as module
@@ -67,7 +68,8 @@ def load_runner(path: str, backend: str = "auto", device: str = "auto", dtype: s
             import torch
 
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        model, tokenizer = module.load(path, dtype=dtype, device=device, show_progress=show_progress, world=world)
+        model, tokenizer = module.load(path, dtype=dtype, device=device, show_progress=show_progress, world=world,
+                                       dequantize=dequantize)
     else:
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"--device {device} applies to the torch backend only")

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of an org/name --model")
     p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="torch device")
+    p.add_argument("--dequantize", action="store_true",
+                   help="torch: expand a 4-bit / 8-bit folder to float at load instead of keeping it packed")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute dtype (default: as stored)")
     mode = p.add_mutually_exclusive_group()
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from apps.backend import load_runner, quiet_unless_first
 
     sampling = sampling_from(args)
-    runner = load_runner(args.model, args.backend, args.device, args.dtype)
+    runner = load_runner(args.model, args.backend, args.device, args.dtype, dequantize=args.dequantize)
     quiet_unless_first(runner.world)
     if args.image and runner.model.args.vision_args is None:
         from common.vision_checkpoint import no_vision

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of an org/name --model")
     p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="torch device")
+    p.add_argument("--dequantize", action="store_true",
+                   help="torch: expand a 4-bit / 8-bit folder to float at load instead of keeping it packed")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute dtype (default: as stored)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -66,7 +68,8 @@ def build_state(args: argparse.Namespace) -> tuple[Any, Any]:
     hub = not Path(args.model).expanduser().exists() and is_hub_id(args.model)
     model_id = args.model if hub else None  # a Hub model is known by its id
     args.model = str(resolve_model(args.model, args.revision))  # a Hub id becomes its cached snapshot
-    runner = load_runner(args.model, args.backend, args.device, args.dtype, show_progress=False)
+    runner = load_runner(args.model, args.backend, args.device, args.dtype, show_progress=False,
+                         dequantize=args.dequantize)
     cache = PromptCache(int(args.prompt_cache_gb * 1e9)) if args.prompt_cache_gb > 0 else None
 
     def make_generator() -> Any:

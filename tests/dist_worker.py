@@ -33,7 +33,8 @@ def torch_side(folder: str, opened: list[str]) -> tuple[dict, int, int]:
     real = load_module.read_pth
     load_module.read_pth = lambda p: (opened.append(Path(p).name), real(p))[1]
     world = init_world("cpu")
-    model = load_model(folder, dtype="float32", device="cpu", world=world)
+    # Tensor-parallel ranks expand quantized folders; so does the single-process reference it is checked against.
+    model = load_model(folder, dtype="float32", device="cpu", world=world, dequantize=True)
 
     def forward(tokens, position=0, cache=None, lengths=None):
         with torch.inference_mode():

@@ -208,6 +208,9 @@ class Attention(FusedModule):
         """q|k heads [B, L, H+K, d] and v heads [B, L, K, d] from one product when fused."""
         B, L, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
+        if self._qkv.quant is not None:
+            qkv = self._qkv.quant.mm(x).view(B, L, H + 2 * K, -1)  # [B, L, H+2K, d]
+            return qkv[:, :, : H + K], qkv[:, :, H + K :]
         w = self._qkv.weight()
         if w is None:
             qk = torch.cat([self.wq(x), self.wk(x)], dim=-1)  # [B, L, (H+K)*d]
@@ -236,6 +239,8 @@ class Attention(FusedModule):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, L, d]
         out = (self._attend(q, k, v, pos, cache, last_only) if pos.uniform
                else self._attend_rows(q, k, v, pos, cache, last_only))  # [B, Lq, H*d]
+        if self._wo.quant is not None:
+            return self._wo.quant.mm(out)
         w = self._wo.weight()
         return self.wo(out) if w is None else linear(out, w)
 

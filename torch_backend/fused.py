@@ -22,6 +22,7 @@ gradients on, the canonical parameters (views into the same memory) are used one
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +50,14 @@ class FusedGroup:
     extra parameters being entry E, so one strided view reaches any expert and the shared one.
     """
 
-    def __init__(self, members: Sequence[tuple[nn.Module, str]], extra: Sequence[tuple[nn.Module, str]] = ()) -> None:
+    def __init__(self, members: Sequence[tuple[nn.Module, str]], extra: Sequence[tuple[nn.Module, str]] = (),
+                 packable: bool = True) -> None:
         self.members, self.extra = tuple(members), tuple(extra)
+        self.packable = packable  # may hold its weights packed (`quant`) when a quantized folder is loaded
         if self.extra and len(self.extra) != len(self.members):
             raise ValueError(f"FusedGroup: {len(self.extra)} extra parameters for {len(self.members)} members")
         self.storage: torch.Tensor | None = None  # [..., I, sum O], or [..., sum O, I] when output-major
+        self.quant: Any = None  # a `torch_backend.qweight.QWeight` holding the members quantized instead
         self.refresh()
 
     def _params(self) -> list[torch.Tensor]:
@@ -87,13 +91,18 @@ class FusedGroup:
 
     def refresh(self) -> None:
         """Re-point every member into fresh storage holding its current values (no-op if they are)."""
-        if not self._is_current():
+        if self.quant is None and not self._is_current():
             first = self._params()[0]
             self._place(first.device, first.dtype, copy=True)
 
     def allocate(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Re-point every member into fresh, uninitialised storage (for loading into)."""
-        self._place(device, dtype, copy=False)
+        """Re-point every member into fresh, uninitialised storage (for loading into); a quantized group's
+        members become empty placeholders (its weights live in `quant`)."""
+        if self.quant is None:
+            self._place(device, dtype, copy=False)
+            return
+        for module, name in (*self.members, *self.extra):
+            setattr(module, name, nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=False))
 
     def _place(self, device: torch.device, dtype: torch.dtype, copy: bool) -> None:
         params = self._params()
@@ -118,10 +127,17 @@ class FusedGroup:
         self._ptr = storage.data_ptr()  # where members[0] starts; and extra[0], entry E:
         self._extra_ptr = getattr(*self.extra[0]).data_ptr() if self.extra else None
 
+    def float_weight(self) -> torch.Tensor:
+        """The fused weight whatever the autograd mode: for a group beside a packed one (`quant`), whose
+        canonical parameters are empty."""
+        if self.storage is None:
+            raise RuntimeError("FusedGroup: no float storage (the group is packed)")
+        return self._weight
+
     def weight(self) -> torch.Tensor | None:
         """The fused [..., sum O, I] weight (the storage or its transposed view), or None where it must not be used:
         autograd on, or members re-pointed elsewhere since the last refresh."""
-        if torch.is_grad_enabled() or self.storage is None:
+        if torch.is_grad_enabled() or self.storage is None or self.quant is not None:
             return None
         if getattr(*self.members[0]).data_ptr() != self._ptr:
             return None

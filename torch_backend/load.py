@@ -2,9 +2,9 @@
 
 Tensors are read one at a time from memory-mapped files; each canonical tensor is produced, then
 copied (converted to the target dtype and device) into the
-model's preallocated storage, so the weights exist once in memory. MLX quantized folders are
-dequantized into that dtype as they load (`torch_backend.quantize`): the same numbers, the memory
-of the float model.
+model's preallocated storage, so the weights exist once in memory. MLX quantized folders keep
+their weights packed on the CPU where torch's integer kernels take them, and are dequantized into
+the model's dtype otherwise (`torch_backend.quantize`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch_backend.device import pick_device, resolve_dtype
 from torch_backend.distributed import World
 from torch_backend.fused import allocate
 from torch_backend.model import Transformer
-from torch_backend.quantize import dequantized
+from torch_backend.quantize import dequantized, keep_packed
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -132,11 +132,12 @@ def _stored_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
 
 def load_model(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
                show_progress: bool = False, cuda_graphs: bool = True, world: World | None = None,
-               revision: str | None = None) -> Transformer:
+               revision: str | None = None, dequantize: bool = False) -> Transformer:
     """The model in `path` on `device` (default: cuda > mps > cpu) in `dtype` (default: as stored).
     `cuda_graphs`: on CUDA, decode through CUDA graphs (`torch_backend.graphs`); False decodes eagerly.
     `world` (`torch_backend.distributed.init_world()`): load only this rank's tensor-parallel share.
-    `path` may be a Hugging Face Hub id (`org/name`, at `revision`; a local folder of that name wins)."""
+    `path` may be a Hugging Face Hub id (`org/name`, at `revision`; a local folder of that name wins).
+    A quantized folder stays packed on the CPU (`torch_backend.quantize`) unless `dequantize`."""
     files = find_checkpoint(resolve_model(path, revision))
     args = read_args(files)
     if world is None:
@@ -148,17 +149,21 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     target_device = pick_device("auto" if device is None else str(device))
     target_dtype = resolve_dtype(dtype) or _stored_dtype(weights)
     check_model_size(files, args, target_dtype.itemsize * (1 if world is None else world.size))
-    weights = dequantized(weights, args, target_dtype)  # MLX quantized tensors, expanded on load
     with torch.device("meta"):
         model = Transformer(args)
+    packable = world is None and target_device.type == "cpu" and not dequantize
+    kept = keep_packed(model, weights, args, target_dtype) if packable else set()
+    weights = dequantized(weights, args, target_dtype, kept)  # other MLX quantized tensors, expanded on load
     # Allocate the final (fused) storage once, then copy each tensor into place as it is read, so
     # the weights exist once in memory.
     allocate(model, target_device, target_dtype)
     model.requires_grad_(False)
-    targets = model.state_dict(keep_vars=True)
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in kept}
     items = checked_items(weights, args)
     with torch.no_grad():
-        for name, tensor in progress(items, total=len(targets), enabled=show_progress, desc="loading"):
+        for name, tensor in progress(items, total=len(targets) + len(kept), enabled=show_progress, desc="loading"):
+            if name in kept:
+                continue
             target = targets.pop(name, None)
             if target is None:
                 raise ModelFolderError(f"{path}: {name} is not a parameter of this model")
@@ -177,7 +182,8 @@ def load_tokenizer(path: str | Path, revision: str | None = None) -> Tokenizer:
 
 def load(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
          show_progress: bool = False, cuda_graphs: bool = True, world: World | None = None,
-         revision: str | None = None) -> tuple[Transformer, Tokenizer]:
+         revision: str | None = None, dequantize: bool = False) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer from one folder, or a Hugging Face Hub id (`org/name`, at `revision`)."""
     folder = resolve_model(path, revision)
-    return load_model(folder, dtype, device, show_progress, cuda_graphs, world), load_tokenizer(folder)
+    model = load_model(folder, dtype, device, show_progress, cuda_graphs, world, dequantize=dequantize)
+    return model, load_tokenizer(folder)

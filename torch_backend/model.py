@@ -145,7 +145,10 @@ class Transformer(FusedModule):
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [..., V] of normed hidden states; tensor-parallel ranks gather their vocabulary ranges."""
         w = self._output.weight()
-        logits = (self.output(h) if w is None else linear(h, w)).float()
+        if self._output.quant is not None:
+            logits = self._output.quant.mm(h).float()
+        else:
+            logits = (self.output(h) if w is None else linear(h, w)).float()
         return logits if self.world is None else self.world.all_gather_last(logits)
 
     def attach_world(self, world: Any) -> None:

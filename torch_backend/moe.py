@@ -34,6 +34,17 @@ def swiglu_product(x: torch.Tensor, gate_value: torch.Tensor, out: torch.Tensor)
     return linear(swiglu(linear(x, gate_value)), out)  # [.., 2F] -> [.., F] -> [.., D]
 
 
+def packed_swiglu(x: torch.Tensor, gate_value: FusedGroup, out: FusedGroup, e: int | None = None) -> torch.Tensor:
+    """SwiGLU where one group or both are packed (`FusedGroup.quant`); `e`: the entry of stacked groups."""
+    def product(group: FusedGroup, h: torch.Tensor) -> torch.Tensor:
+        if group.quant is not None:
+            return group.quant.mm(h, e)
+        w = group.float_weight()
+        return linear(h, w if e is None else w[e])
+
+    return product(out, swiglu(product(gate_value, x)))
+
+
 class FeedForward(FusedModule):
     """SwiGLU: w_out(silu(w_gate(x)) * w_value(x)). `fused=False` leaves the storage to an owner
     (the MoE keeps its shared expert beside the routed experts)."""
@@ -50,6 +61,8 @@ class FeedForward(FusedModule):
         return self._groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._groups and any(g.quant is not None for g in self._groups):
+            return packed_swiglu(x, *self._groups)
         gv, out = (g.weight() for g in self._groups) if self._groups else (None, None)
         if gv is None or out is None:
             return self.w_out(F.silu(self.w_gate(x)) * self.w_value(x))
@@ -114,6 +127,7 @@ class Experts(nn.Module):
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int) -> None:
         super().__init__()
+        self.num_experts = num_experts  # the stacks' own shapes are empty where they are packed
         self.w_gate = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w_value = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
@@ -156,6 +170,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D] (already scaled by the routing score), experts [N] -> [N, D]."""
+        if self.packed:
+            return self._quantized(x, experts)
         gv, out = self._fused()
         if gv is not None and out is not None and grouped_fits(x, gv, out):
             return grouped_experts(x, experts, gv[:-1], out[:-1])  # entries 0 .. E-1 (E is the shared expert)
@@ -167,6 +183,29 @@ class Experts(nn.Module):
         # On the CPU reading the ids costs nothing, and each slot reads its expert's weights in place.
         rows = [self._expert(x[i : i + 1], e) for i, e in enumerate(experts.tolist())]  # [1, D] each
         return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(x.dtype)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the storage holds packed (quantized) weights, `torch_backend.quantize.keep_packed`."""
+        return self.storage is not None and any(g.quant is not None for g in self.storage)
+
+    def quantized_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e (E: the shared one) from the packed storage, on x [.., D] -> [.., D]."""
+        return packed_swiglu(x, *self.storage, e=e)
+
+    def _quantized(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Slots grouped by expert, each group through its expert's packed kernels (on the CPU, where
+        reading the ids costs nothing)."""
+        if experts.numel() == 1:
+            return self.quantized_expert(x, int(experts))
+        order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
+        xs, ys, start = x[order], torch.empty_like(x), 0  # [N, D] in expert order
+        for e, n in enumerate(counts):
+            if n:
+                ys[start : start + n] = self.quantized_expert(xs[start : start + n], e)
+                start += n
+        return torch.empty_like(x).index_copy_(0, order, ys)  # rows back in slot order
 
     def _sorted(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
@@ -198,7 +237,8 @@ class MoE(FusedModule):
         # Owned here, so .to() rebuilds them after both children converted their parameters.
         gate_value = FusedGroup([(ex, "w_gate"), (ex, "w_value")],
                                 extra=[(sh.w_gate, "weight"), (sh.w_value, "weight")])
-        self._groups = (FusedGroup([(self.router, "weight")]), gate_value,
+        # The router stays in float (dequantized where a folder quantized it): it picks the experts.
+        self._groups = (FusedGroup([(self.router, "weight")], packable=False), gate_value,
                         FusedGroup([(ex, "w_out")], extra=[(sh.w_out, "weight")]))
         ex.storage = self._groups[1:]
 
@@ -215,7 +255,7 @@ class MoE(FusedModule):
         scores = torch.sigmoid(picked.float()).to(x.dtype)  # no softmax, no renormalising
         # input scaled by its score: [T, D] * [T, 1], or [T, 1, D] * [T, k, 1] -> [T*k, D]
         routed = x * scores if k == 1 else (x[:, None, :] * scores[..., None]).reshape(-1, shape[-1])
-        if routed.shape[0] == 1:  # one token, top-1: its expert and the shared one together where that applies
+        if routed.shape[0] == 1 and not self.experts.packed:  # one token, top-1: expert and shared together
             both = self.experts.with_shared(routed, experts, x)
             if both is not None:
                 return both.reshape(shape)
@@ -225,6 +265,8 @@ class MoE(FusedModule):
         return (self._shared(x) + y).reshape(shape)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        if self.experts.packed:
+            return self.experts.quantized_expert(x, self.experts.num_experts)  # entry E
         gv, out = self._groups[1].weight(), self._groups[2].weight()
         if gv is None or out is None:
             return self.shared_expert(x)

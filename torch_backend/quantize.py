@@ -1,35 +1,29 @@
-"""MLX quantized folders in torch: each quantized tensor is dequantized into the model's dtype at load.
+"""MLX quantized folders in torch.
 
-torch has no kernels for MLX's packed affine format (`common.quant`), so the model runs in its
-float dtype with the memory of the float model: the numbers are those of the quantized weights
-(w = s * q + b, computed in float32, then cast once), the savings are not. One 4-bit download
-thus serves both backends.
+On the CPU, projections whose weights are all quantized in a form torch's packed-integer kernels
+take (4 bits with group size 32-256, or 8 bits) stay packed (`torch_backend.qweight`), and so does
+the embedding table: the model takes the memory of the quantized folder. Everything else (other
+bit widths, other devices, `dequantize=True`, the router and the vision encoder) is dequantized into
+the model's dtype at load (w = s * q + b, computed in float32, then cast once): the numbers of the
+quantized weights with the memory of the float model. One 4-bit download thus serves both backends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Collection, Mapping
 
-import numpy as np
 import torch
+from torch import nn
 
 from common.args import ModelArgs, QuantizationArgs
 from common.array_ops import LazyDict, shape_of
 from common.names import canonical_shapes
-from common.quant import infer_spec, part_names, quantized_tensors, require_declared, unpack
+from common.quant import infer_spec, part_names, quantized_tensors, require_declared, tensor_specs
+from torch_backend.fused import FusedModule
+from torch_backend.qweight import QEmbedding, QWeight, codes, kernels_available
 
 _CHUNK = 1 << 24  # values dequantized at a time, to bound the float32 temporaries
-
-
-def _unpack(wq: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint32 words [R, W] -> integers [R, W * 32 / bits] (int32)."""
-    words = wq.view(torch.int32)  # same bits; torch's uint32 has few kernels
-    if 32 % bits:
-        return torch.from_numpy(unpack(words.numpy().view(np.uint32), bits).view(np.int32))
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-    # Arithmetic shifts copy the sign bit down, which the mask removes.
-    q = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, W, 32 / bits]
-    return q.flatten(-2)
 
 
 def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, spec: QuantizationArgs,
@@ -41,15 +35,16 @@ def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, spe
     out = torch.empty((wq.shape[0], n), dtype=dtype)  # [R, in], R = rows over all leading axes
     step = max(1, _CHUNK // n)
     for r in range(0, wq.shape[0], step):
-        q = _unpack(wq[r : r + step], spec.bits).view(-1, groups, spec.group_size)  # [r, G, group]
+        q = codes(wq[r : r + step], spec.bits).view(-1, groups, spec.group_size)  # [r, G, group]
         s, b = scales[r : r + step].float()[..., None], biases[r : r + step].float()[..., None]  # [r, G, 1]
         out[r : r + step] = (q.float() * s + b).view(-1, n).to(dtype)  # [r, G, group] -> [r, in]
     return out.view(*lead, n)  # [R, in] -> [..., out, in]
 
 
-def dequantized(weights: Mapping[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype
-                ) -> Mapping[str, torch.Tensor]:
-    """Canonical `weights` with every quantized tensor replaced by its dequantized form, lazily."""
+def dequantized(weights: Mapping[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype,
+                kept: Collection[str] = ()) -> Mapping[str, torch.Tensor]:
+    """Canonical `weights` with every quantized tensor replaced by its dequantized form, lazily; the
+    `kept` ones (held packed by the model, see `keep_packed`) by a meta tensor of their shape."""
     shapes = canonical_shapes(args)
     names = quantized_tensors(weights, shapes)
     if not names:
@@ -59,6 +54,8 @@ def dequantized(weights: Mapping[str, torch.Tensor], args: ModelArgs, dtype: tor
     thunks = {k: (lambda k=k: weights[k]) for k in weights if k not in parts}
     for name in names:
         thunks[name] = lambda name=name: _dequantize_named(weights, name, shapes[name], dtype)
+    for name in kept:
+        thunks[name] = lambda name=name: torch.empty(shapes[name], device="meta")
     return LazyDict(thunks)
 
 
@@ -67,3 +64,54 @@ def _dequantize_named(weights: Mapping[str, torch.Tensor], name: str, shape: tup
     wq, scales, biases = (weights[p] for p in part_names(name))
     spec = infer_spec(name, shape, (shape_of(wq), shape_of(scales), shape_of(biases)))
     return dequantize(wq, scales, biases, spec, dtype)
+
+
+def keep_packed(model: nn.Module, weights: Mapping[str, torch.Tensor], args: ModelArgs,
+                dtype: torch.dtype) -> set[str]:
+    """Hand the quantized weights of `model` (built on the meta device, not yet allocated) to packed
+    kernels where they allow it: each fused group whose members are all quantized with one spec the
+    kernels take gets a `QWeight` (`FusedGroup.quant`), a quantized embedding becomes a `QEmbedding`.
+    Returns the canonical names now held packed; `dequantized(..., kept=...)` passes over them."""
+    shapes = canonical_shapes(args)
+    names = quantized_tensors(weights, shapes)
+    if not names:
+        return set()
+    require_declared(names, args)
+    specs = tensor_specs(weights, shapes)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    kept: set[str] = set()
+    for module in model.modules():
+        for group in module.fused_groups() if isinstance(module, FusedModule) else ():
+            if not group.packable:
+                continue
+            members = [canonical[id(getattr(*m))] for m in group.members]
+            extra = [canonical[id(getattr(*m))] for m in group.extra]
+            found = {specs.get(n) for n in members + extra}
+            spec = found.pop() if len(found) == 1 else None
+            if spec is None or not kernels_available(spec.bits, spec.group_size):
+                continue
+            stacked = len(shapes[members[0]]) == 3
+            count = shapes[members[0]][0] if stacked else 1
+            entries = (_side_by_side(weights, members, spec.bits, e if stacked else None) for e in range(count))
+            if extra:
+                entries = itertools.chain(entries, [_side_by_side(weights, extra, spec.bits, None)])
+            group.quant = QWeight.from_affine(entries, spec.bits, spec.group_size, stacked)
+            kept.update(members + extra)
+    spec = specs.get("tok_embeddings.weight")
+    if spec is not None:
+        wq, scales, biases = (weights[p].clone() for p in part_names("tok_embeddings.weight"))  # off the file
+        model.tok_embeddings = QEmbedding(wq, scales, biases, spec.bits, spec.group_size, dtype)
+        kept.add("tok_embeddings.weight")
+    return kept
+
+
+def _side_by_side(weights: Mapping[str, torch.Tensor], names: list[str], bits: int,
+                  e: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [sum N, K], scales, biases [sum N, K/G]) of quantized tensors `names` (entry e of each stack)
+    stacked along their outputs, in member order (the order of the fused float storage)."""
+    parts: list[list[torch.Tensor]] = [[], [], []]
+    for name in names:
+        for i, key in enumerate(part_names(name)):
+            t = weights[key] if e is None else weights[key][e]
+            parts[i].append(codes(t, bits) if i == 0 else t)
+    return tuple(torch.cat(p) if len(p) > 1 else p[0] for p in parts)  # type: ignore[return-value]
