@@ -4,7 +4,7 @@ generation through that library's public generation API.
 Each runner returns a function `timed(prompt_ids, max_tokens) -> (tokens, stamps)`: the greedy
 tokens and the `time.perf_counter()` at which each arrived, relative to the call. The first stamp
 ends the prefill; the rest time decoding. Variants are dicts (JSON from the parent):
-`impl` (ours | mlx_lm | transformers), `backend` (mlx | torch), `dtype`, `path`,
+`impl` (ours | mlx_lm | transformers | transformers_static | llama_cpp), `backend` (mlx | torch), `dtype`, `path`,
 `prompt_tokens`, `gen_tokens`, `trials`, `threads`.
 """
 
@@ -108,9 +108,13 @@ def load_runner(spec: dict[str, Any]) -> Timed:
         return _ours(backend, path, float_dtype, device)
     if impl == "mlx_lm":
         return _mlx_lm(path, None if float_dtype == "float32" else float_dtype)
+    if impl == "llama_cpp":
+        from benchmarks._llama_cpp import runner
+
+        return runner(path, int(spec.get("threads") or 0), int(spec["prompt_tokens"]) + int(spec["gen_tokens"]) + 64)
     if impl in ("transformers", "transformers_static"):
         return _transformers(path, float_dtype, device, static=impl == "transformers_static")
-    raise ValueError(f"impl: expected ours, mlx_lm, transformers or transformers_static, got {impl!r}")
+    raise ValueError(f"impl: expected ours, mlx_lm, llama_cpp, transformers or transformers_static, got {impl!r}")
 
 
 def _peak_gb(backend: str) -> dict[str, float]:

@@ -1,18 +1,20 @@
-"""Generation speed of both backends against mlx-lm and transformers on the same weights; prints JSON
-(stdout) and a markdown table (stderr).
+"""Generation speed of both backends against mlx-lm, transformers and llama.cpp on the same weights;
+prints JSON (stdout) and a markdown table (stderr).
 
     python -m benchmarks.bench_generate [--size tiny|small|medium | --model PATH] [--backends mlx,torch]
         [--dtypes float32,bfloat16,q8,q4] [--trials 3] [--rounds 1] [--prompt-tokens 512] [--gen-tokens 128]
-        [--no-peers] [--extras kv,moe,membw] [--json FILE]
+        [--threads N] [--no-peers] [--extras kv,moe,membw] [--json FILE]
 
 For each backend and dtype: load time, prefill tokens/s (time to the first token of a
 `--prompt-tokens` prompt), decode tokens/s (the next `--gen-tokens` - 1 greedy tokens), peak
 memory; each in a fresh process (so peak memory is its own), one warm-up, then `--trials` runs;
 with `--rounds` the whole sequence repeats and medians are over every trial of every round.
-Right after each of ours, the same folder through its peer when installed: mlx-lm
+Right after each of ours, the same weights through its peers when installed: mlx-lm
 (`mlx_lm.load` + `stream_generate`; q8/q4 folders come from `apps.convert`, which mlx-lm reads)
-for MLX, transformers (`Llama4ForCausalLM.from_pretrained` + greedy `generate` with its cache)
-for torch. A peer that fails (mlx-lm's bfloat16 Llama 4 on a Linux CPU) is recorded, not fatal.
+for MLX; for torch, transformers (`Llama4ForCausalLM.from_pretrained` + greedy `generate` with its
+cache; float only) and llama.cpp (`llama-cpp-python` on GGUF F32 / BF16 / Q8_0 / Q4_0 files made by
+llama.cpp's converter, see benchmarks/_llama_cpp.py; needs $LLAMA_CPP_DIR). A peer that fails
+(mlx-lm's bfloat16 Llama 4 on a Linux CPU) is recorded, not fatal.
 
 Extras: `membw` (this machine's bandwidth, see benchmarks/membw.py, measured at the start and
 again right before each run) gives each run's fraction of the decode roofline; `kv` compares the
@@ -22,7 +24,7 @@ float32 model of `--size` is written to a temporary folder. `--device cuda` runs
 transformers on the GPU, and adds transformers' speed recipe as a second peer (`transformers_static`:
 a static cache and `torch.compile(mode="reduce-overhead")`); a peer that fails there is recorded.
 MLX runs read `apps.convert` output (float32, or q8/q4), the layout mlx-lm writes; torch runs read
-the Hugging Face folder.
+the Hugging Face folder in float and the same `apps.convert` q8/q4 folders (kept packed).
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ from common.args import ModelArgs, QuantizationArgs
 from common.files import find_checkpoint, read_args
 
 ROOT = Path(__file__).resolve().parent.parent
-DTYPES = {"torch": ("float32", "bfloat16"), "mlx": ("float32", "bfloat16", "q8", "q4")}
-PEERS = {"torch": ("transformers",), "mlx": ("mlx_lm",)}
+DTYPES = {"torch": ("float32", "bfloat16", "q8", "q4"), "mlx": ("float32", "bfloat16", "q8", "q4")}
+PEERS = {"torch": ("transformers", "llama_cpp"), "mlx": ("mlx_lm",)}
+FLOAT_ONLY = ("transformers", "transformers_static")  # peers that cannot read the q8/q4 folders
 CUDA_PEERS = ("transformers", "transformers_static")  # on CUDA also transformers' static cache + torch.compile
 
 
@@ -55,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--size", choices=list(SIZES), default="small", help="synthetic model size")
     src.add_argument("--model", default=None, help="an unquantized model folder instead of a synthetic one")
     p.add_argument("--backends", default="torch,mlx")
-    p.add_argument("--dtypes", default="float32,bfloat16,q8,q4", help="q8/q4: MLX only (apps.convert folders)")
+    p.add_argument("--dtypes", default="float32,bfloat16,q8,q4", help="q8/q4: apps.convert folders")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1, help="repeat every run this often; medians over all trials")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads in every process (0: torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of the torch runs")
-    p.add_argument("--no-peers", action="store_true", help="skip mlx-lm and transformers")
+    p.add_argument("--no-peers", action="store_true", help="skip mlx-lm, transformers and llama.cpp")
     p.add_argument("--extras", default="kv,moe,membw", help="any of kv, moe, membw; empty for none")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     p.add_argument("--json", default=None, help="also write the JSON to this file")
@@ -101,14 +104,23 @@ def child_main(task: dict[str, Any]) -> dict[str, Any]:
     return run_variant(task)
 
 
-def folders_for(src: Path, work: Path, runs: list[tuple[str, str, str]]) -> dict[tuple[str, str], Path]:
-    """(backend, dtype) -> folder: torch reads the source; MLX reads `apps.convert` output (float32,
-    or q8/q4), the layout mlx-lm writes and reads best (row-major [E, out, in] experts)."""
+def folders_for(src: Path, work: Path, runs: list[tuple[str, str, str]]) -> dict[tuple[str, str], Path | str]:
+    """(backend or llama_cpp, dtype) -> folder or file: torch reads the source in float and `apps.convert`
+    output in q8/q4; MLX reads `apps.convert` output (float32, or q8/q4), the layout mlx-lm writes and
+    reads best (row-major [E, out, in] experts); llama.cpp a GGUF file of the dtype (or the error
+    that kept it from being made)."""
     from apps.convert import convert
 
-    out: dict[tuple[str, str], Path] = {}
-    for _, backend, dtype in runs:
-        if backend == "torch":
+    out: dict[tuple[str, str], Path | str] = {}
+    for impl, backend, dtype in runs:
+        if impl == "llama_cpp":
+            from benchmarks._llama_cpp import to_gguf
+
+            try:
+                out[impl, dtype] = to_gguf(src, work / "gguf", dtype)
+            except (RuntimeError, OSError) as e:
+                out[impl, dtype] = str(e)
+        elif backend == "torch" and not dtype.startswith("q"):
             out[backend, dtype] = src
         elif (backend, dtype) not in out:
             quant = QuantizationArgs(group_size=64, bits=int(dtype[1:])) if dtype.startswith("q") else None
@@ -116,6 +128,14 @@ def folders_for(src: Path, work: Path, runs: list[tuple[str, str, str]]) -> dict
             folder = work / name
             out[backend, dtype] = folder if folder.exists() else convert(src, folder, quant, dtype="float32")
     return out
+
+
+def _peer_available(peer: str) -> bool:
+    if peer == "llama_cpp":
+        from benchmarks._llama_cpp import available
+
+        return available()
+    return _installed(peer.split("_static")[0])
 
 
 def peers_of(backend: str, device: str = "cpu") -> tuple[str, ...]:
@@ -129,7 +149,7 @@ def plan(backends: list[str], dtypes: list[str], peers: bool, device: str = "cpu
         for dtype in (d for d in DTYPES[backend] if d in dtypes):
             out.append(("ours", backend, dtype))
             out += [(p, backend, dtype) for p in peers_of(backend, device)
-                    if peers and _installed(p.split("_static")[0])]
+                    if peers and _peer_available(p) and not (dtype.startswith("q") and p in FLOAT_ONLY)]
     return out
 
 
@@ -149,6 +169,8 @@ def ratios(runs: list[dict[str, Any]], device: str = "cpu") -> list[dict[str, An
     out = []
     for ours in (r for r in runs if r["impl"] == "ours"):
         for name in peers_of(ours["backend"], device):
+            if ours["dtype"].startswith("q") and name in FLOAT_ONLY:
+                continue
             peer = next((r for r in runs if r["impl"] == name and r["backend"] == ours["backend"]
                          and r["dtype"] == ours["dtype"]), None)
             row = {"backend": ours["backend"], "dtype": ours["dtype"], "peer": name}
@@ -171,7 +193,11 @@ def _run_rounds(order: list[tuple[str, str, str]], folders: dict[tuple[str, str]
     raw: dict[tuple[str, str, str], list[dict[str, Any]]] = {v: [] for v in order}
     for r in range(opts.rounds):
         for impl, backend, dtype in order:
-            task = {"impl": impl, "backend": backend, "dtype": dtype, "path": str(folders[backend, dtype]),
+            path = folders[impl, dtype] if impl == "llama_cpp" else folders[backend, dtype]
+            if isinstance(path, str):  # its GGUF file could not be made
+                raw[impl, backend, dtype].append({"error": path})
+                continue
+            task = {"impl": impl, "backend": backend, "dtype": dtype, "path": str(path),
                     "vocab_size": args.vocab_size, **_settings(opts)}
             print(f"round {r + 1}/{opts.rounds}: {impl} {backend} {dtype} ...", file=sys.stderr, flush=True)
             # This machine's bandwidth drifts with its neighbours' load: measure it beside each run.

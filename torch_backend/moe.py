@@ -173,7 +173,8 @@ class Experts(nn.Module):
         if self.packed:
             return self._quantized(x, experts)
         gv, out = self._fused()
-        if gv is not None and out is not None and grouped_fits(x, gv, out):
+        few_on_cpu = x.device.type == "cpu" and experts.numel() <= GATHER_MAX_SLOTS  # decoding on the CPU
+        if gv is not None and out is not None and not few_on_cpu and grouped_fits(x, gv, out):
             return grouped_experts(x, experts, gv[:-1], out[:-1])  # entries 0 .. E-1 (E is the shared expert)
         if x.device.type != "cpu" and experts.numel() <= GATHER_MAX_SLOTS_ACCELERATOR:
             # Decoding on accelerators: gather the slots' experts instead of synchronising on the ids.
