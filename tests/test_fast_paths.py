@@ -358,3 +358,19 @@ def test_torch_long_prefill_attends_chunk_by_chunk(monkeypatch: pytest.MonkeyPat
     chunked_layers = sum(r.chunked for r in ARGS.layer_roles)
     assert sum(1 for q, k in blocks if q <= C and k <= C) >= 7 * chunked_layers  # 7 chunks touched per layer
     assert max(q * k for q, k in blocks if q <= C) <= C * C
+
+
+@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
+def test_torch_bfloat16_decode_per_slot_experts_give_the_grouped_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoding token on the CPU runs its expert's two products in place (grouped products walk every
+    expert: 124 against 102 decode tokens/s on the small benchmark model): the same greedy text from the
+    demo model in bfloat16."""
+    import torch_backend
+    from torch_backend import moe
+
+    demo = Path(__file__).parent.parent / "apps" / "demo_model"
+    model, tok = torch_backend.load(demo, dtype="bfloat16", device="cpu")
+    texts = [torch_backend.generate(model, tok, "def fibonacci(n):", max_tokens=64)]
+    monkeypatch.setattr(moe, "GATHER_MAX_SLOTS", 0)  # every token through `grouped_experts`
+    texts.append(torch_backend.generate(model, tok, "def fibonacci(n):", max_tokens=64))
+    assert texts[0] == texts[1] and len(texts[0]) > 60
