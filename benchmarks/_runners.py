@@ -117,8 +117,21 @@ def load_runner(spec: dict[str, Any]) -> Timed:
     raise ValueError(f"impl: expected ours, mlx_lm, llama_cpp, transformers or transformers_static, got {impl!r}")
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux from /proc (VmHWM): `ru_maxrss` keeps the high-water
+    mark of the forked parent across exec, so a small child would report its parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def _peak_gb(backend: str) -> dict[str, float]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    rss = _peak_rss_bytes()
     out = {"peak_rss_gb": round(rss / 1e9, 3)}
     if backend == "mlx":
         import mlx.core as mx
