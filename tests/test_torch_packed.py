@@ -156,3 +156,16 @@ def test_mlx_lm_folder_loads_packed(tmp_path: Path, bits: int) -> None:
     np.testing.assert_allclose(want, mlx, atol=1e-3, rtol=0)
     # A random tiny model: bfloat16 activations move its logits by 1.4-3.4% (test_convert)
     assert np.sqrt(((got - want) ** 2).mean() / (want**2).mean()) < 0.08
+
+
+@pytest.mark.parametrize("flags", [(), ("--dequantize",)])
+def test_generate_cli_runs_packed_and_dequantized(demo_quantized: tuple[int, Path], flags: tuple[str, ...]) -> None:
+    import subprocess
+    import sys
+
+    _, folder = demo_quantized
+    cmd = [sys.executable, "-m", "apps.generate", "--model", str(folder), "--backend", "torch", "--device", "cpu",
+           "--prompt", "def add(a, b):", "--max-tokens", "12", *flags]
+    r = subprocess.run(cmd, cwd=DEMO.parent.parent, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) > 5 and "backend: torch" in r.stderr
