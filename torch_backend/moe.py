@@ -7,6 +7,7 @@ Shapes: N token slots (tokens x top_k), T tokens, D model dim, F hidden dim, E e
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -195,29 +196,24 @@ class Experts(nn.Module):
         return packed_swiglu(x, *self.storage, e=e)
 
     def _quantized(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Slots grouped by expert, each group through its expert's packed kernels (on the CPU, where
-        reading the ids costs nothing)."""
+        """Each slot through its expert's packed kernels (on the CPU, where reading the ids costs nothing)."""
         if experts.numel() == 1:
             return self.quantized_expert(x, int(experts))
+        return self._sorted(x, experts, self.quantized_expert)
+
+    def _sorted(self, x: torch.Tensor, experts: torch.Tensor,
+                expert: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Slots grouped by expert, one product per expert that has any (`expert`: default `_expert`)."""
+        expert = expert or self._expert
         order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
         counts = torch.bincount(experts, minlength=self.num_experts).tolist()
-        xs, ys, start = x[order], torch.empty_like(x), 0  # [N, D] in expert order
-        for e, n in enumerate(counts):
-            if n:
-                ys[start : start + n] = self.quantized_expert(xs[start : start + n], e)
-                start += n
-        return torch.empty_like(x).index_copy_(0, order, ys)  # rows back in slot order
-
-    def _sorted(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
-        counts = torch.bincount(experts, minlength=self.w_gate.shape[0]).tolist()
         xs = x[order]  # [N, D] in expert order
         ys = torch.empty_like(x)  # [N, D]; every row is written exactly once below
         start = 0
         for e, n in enumerate(counts):
             if n:
                 # .to(): a no-op outside autocast, where the products come back in bfloat16
-                ys[start : start + n] = self._expert(xs[start : start + n], e).to(ys.dtype)
+                ys[start : start + n] = expert(xs[start : start + n], e).to(ys.dtype)
                 start += n
         return torch.empty_like(x).index_copy_(0, order, ys)  # rows back in slot order
 

@@ -19,9 +19,9 @@ from torch import nn
 from common.args import ModelArgs, QuantizationArgs
 from common.array_ops import LazyDict, shape_of
 from common.names import canonical_shapes
-from common.quant import infer_spec, part_names, quantized_tensors, require_declared, tensor_specs
+from common.quant import declared_specs, infer_spec, part_names, quantized_tensors, require_declared
 from torch_backend.fused import FusedModule
-from torch_backend.qweight import QEmbedding, QWeight, codes, kernels_available
+from torch_backend.qweight import QWeight, codes, kernels_available
 
 _CHUNK = 1 << 24  # values dequantized at a time, to bound the float32 temporaries
 
@@ -72,12 +72,10 @@ def keep_packed(model: nn.Module, weights: Mapping[str, torch.Tensor], args: Mod
     kernels where they allow it: each fused group whose members are all quantized with one spec the
     kernels take gets a `QWeight` (`FusedGroup.quant`), a quantized embedding becomes a `QEmbedding`.
     Returns the canonical names now held packed; `dequantized(..., kept=...)` passes over them."""
-    shapes = canonical_shapes(args)
-    names = quantized_tensors(weights, shapes)
-    if not names:
+    specs = declared_specs(weights, args)
+    if not specs:
         return set()
-    require_declared(names, args)
-    specs = tensor_specs(weights, shapes)
+    shapes = canonical_shapes(args)
     canonical = {id(p): n for n, p in model.named_parameters()}
     kept: set[str] = set()
     for module in model.modules():
@@ -100,7 +98,7 @@ def keep_packed(model: nn.Module, weights: Mapping[str, torch.Tensor], args: Mod
     spec = specs.get("tok_embeddings.weight")
     if spec is not None:
         wq, scales, biases = (weights[p].clone() for p in part_names("tok_embeddings.weight"))  # off the file
-        model.tok_embeddings = QEmbedding(wq, scales, biases, spec.bits, spec.group_size, dtype)
+        model.tok_embeddings = QEmbedding(wq, scales, biases, spec, dtype)
         kept.add("tok_embeddings.weight")
     return kept
 
@@ -115,3 +113,22 @@ def _side_by_side(weights: Mapping[str, torch.Tensor], names: list[str], bits: i
             t = weights[key] if e is None else weights[key][e]
             parts[i].append(codes(t, bits) if i == 0 else t)
     return tuple(torch.cat(p) if len(p) > 1 else p[0] for p in parts)  # type: ignore[return-value]
+
+
+class QEmbedding(nn.Module):
+    """An embedding table kept as MLX's packed rows; a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, spec: QuantizationArgs,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.spec, self.dtype = spec, dtype
+        # An empty stand-in where code asks the embedding for the model's device and dtype.
+        self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        self.register_buffer("wq", wq.view(torch.int32), persistent=False)  # [V, D*bits/32], uint32 bits
+        self.register_buffer("scales", scales, persistent=False)  # [V, D/G]
+        self.register_buffer("biases", biases, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = dequantize(self.wq[flat], self.scales[flat], self.biases[flat], self.spec, self.dtype)  # [T, D]
+        return rows.view(*ids.shape, -1)  # [T, D] -> [..., D]

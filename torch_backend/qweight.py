@@ -89,27 +89,6 @@ class QWeight:
         return y.to(x.dtype).view(*x.shape[:-1], -1)  # [M, N] -> [..., N]
 
 
-class QEmbedding(torch.nn.Module):
-    """An embedding table kept as MLX's packed rows; a lookup dequantizes only the rows it reads."""
-
-    def __init__(self, wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int,
-                 dtype: torch.dtype) -> None:
-        super().__init__()
-        self.bits, self.group_size, self.dtype = bits, group_size, dtype
-        # An empty stand-in where code asks the embedding for the model's device and dtype.
-        self.weight = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
-        self.register_buffer("wq", wq.view(torch.int32), persistent=False)  # [V, D*bits/32], uint32 bits
-        self.register_buffer("scales", scales, persistent=False)  # [V, D/G]
-        self.register_buffer("biases", biases, persistent=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        q = codes(self.wq[flat], self.bits).float()  # [T, D]
-        groups = self.scales.shape[-1]
-        w = q.view(len(flat), groups, -1) * self.scales[flat].float()[..., None] + self.biases[flat].float()[..., None]
-        return w.flatten(1).to(self.dtype).view(*ids.shape, -1)  # [T, G, g] -> [..., D]
-
-
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's weights take: parameters, buffers and packed groups."""
     total = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
