@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from apps.cli import report_errors
+from apps.cli import add_model_args, report_errors
 
-DEMO_MODEL = str(Path(__file__).parent / "demo_model")
 DEFAULT_PROMPT = "def fibonacci(n):"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apps.generate", description="Generate text with a Llama 4 model.")
-    p.add_argument("--model", default=DEMO_MODEL,
-                   help="model folder or Hugging Face Hub id org/name (default: the bundled demo model)")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of an org/name --model")
-    p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="torch device")
-    p.add_argument("--dequantize", action="store_true",
-                   help="torch: expand a 4-bit / 8-bit folder to float at load instead of keeping it packed")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute dtype (default: as stored)")
+    add_model_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat")

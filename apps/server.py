@@ -17,21 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apps.cli import report_errors
-from apps.generate import DEMO_MODEL
+from apps.cli import add_model_args, report_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apps.server", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=DEMO_MODEL,
-                   help="model folder or Hugging Face Hub id org/name (default: the bundled demo model)")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of an org/name --model")
-    p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="torch device")
-    p.add_argument("--dequantize", action="store_true",
-                   help="torch: expand a 4-bit / 8-bit folder to float at load instead of keeping it packed")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute dtype (default: as stored)")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch", type=int, default=16, help="rows generated together")

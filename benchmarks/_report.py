@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+
+def emit(result: dict[str, Any], json_path: str | None, table: str) -> None:
+    """Every benchmark's output: the result as JSON on stdout (and in `json_path` when given), `table`
+    (its markdown) on stderr."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n")
+    print(table, file=sys.stderr)
 
 
 def _cell(v: Any) -> str:

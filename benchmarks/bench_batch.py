@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks._report import _table
+from benchmarks._report import _table, emit
 from benchmarks._synthetic import SIZES, parameter_count, synthetic_args, write_model
 from benchmarks.bench_generate import _installed, folders_for, run_child
 from common.files import find_checkpoint, read_args
@@ -130,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_main(json.loads(opts.child))))
         return 0
     result = run(opts)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if opts.json:
-        Path(opts.json).write_text(text + "\n")
-    print(markdown(result), file=sys.stderr)
+    emit(result, opts.json, markdown(result))
     return 0
 
 

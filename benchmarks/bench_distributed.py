@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks._report import _table
+from benchmarks._report import _table, emit
 from benchmarks._synthetic import SIZES, synthetic_args, write_model
 from benchmarks.bench_generate import _installed
 
@@ -95,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     result = {"model": opts.model or f"synthetic {opts.size}", "prompt_tokens": opts.prompt_tokens,
               "gen_tokens": opts.gen_tokens, "cpu_count": os.cpu_count(), "runs": runs}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if opts.json:
-        Path(opts.json).write_text(text + "\n")
-    print(markdown(result), file=sys.stderr)
+    emit(result, opts.json, markdown(result))
     return 0
 
 

@@ -268,14 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.child:
         print(json.dumps(child_main(json.loads(opts.child))))
         return 0
-    from benchmarks._report import markdown
+    from benchmarks._report import emit, markdown
 
     result = run(opts)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if opts.json:
-        Path(opts.json).write_text(text + "\n")
-    print(markdown(result), file=sys.stderr)
+    emit(result, opts.json, markdown(result))
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._http_load import measure_server, requests_for
-from benchmarks._report import _table
+from benchmarks._report import _table, emit
 from benchmarks._synthetic import SIZES, synthetic_args, write_model
 from benchmarks.bench_generate import _installed
 from common.files import find_checkpoint, read_args
@@ -110,11 +110,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     result = run(opts)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if opts.json:
-        Path(opts.json).write_text(text + "\n")
-    print(markdown(result), file=sys.stderr)
+    emit(result, opts.json, markdown(result))
     return 0
 
 

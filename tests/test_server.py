@@ -18,7 +18,7 @@ import pytest
 from backends import available
 from server_fixture import API_KEY, ServerProcess
 
-from apps.generate import DEMO_MODEL
+from apps.cli import DEMO_MODEL
 from common.generation_defaults import generation_defaults
 from common.sampling import SamplingParams
 
