@@ -54,10 +54,11 @@ class Runner:
 
 
 def load_runner(path: str, backend: str = "auto", device: str = "auto", dtype: str | None = None,
-                show_progress: bool = True, dequantize: bool = False) -> Runner:
+                show_progress: bool = True, dequantize: bool = False, compile_decode: bool = False) -> Runner:
     """The model, loaded as this process's tensor-parallel share when a launcher started several
     (torchrun for torch, mlx.launch for MLX), else whole. `dequantize`: torch expands a 4-bit / 8-bit
-    folder to its float dtype instead of keeping it packed (`torch_backend.quantize`)."""
+    folder to its float dtype instead of keeping it packed (`torch_backend.quantize`). `compile_decode`:
+    torch on the CPU decodes through `torch.compile` (`torch_backend.compiled`)."""
     name = pick_backend(backend)
     if name == "torch":
         import torch_backend as module
@@ -69,10 +70,12 @@ def load_runner(path: str, backend: str = "auto", device: str = "auto", dtype: s
 
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         model, tokenizer = module.load(path, dtype=dtype, device=device, show_progress=show_progress, world=world,
-                                       dequantize=dequantize)
+                                       dequantize=dequantize, compile_decode=compile_decode)
     else:
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"--device {device} applies to the torch backend only")
+        if compile_decode:
+            raise ValueError("--compile applies to the torch backend only")
         import mlx_llm as module
         from mlx_llm.distributed import init_world
 

@@ -51,7 +51,8 @@ class RotaryTable:
     """RoPE rotations per absolute position as complex float32 (cos + i sin), [L, d/2].
 
     A plain object rather than a buffer, so `model.to(dtype)` never rounds the frequencies; the
-    values are common.rope's, computed once per position.
+    values are common.rope's, computed once per position. Stored as real (cos, sin) pairs [L, d/2, 2]
+    (`rows`), which the fixed-shape decode step indexes: a compiled step then holds no complex tensor.
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -60,14 +61,15 @@ class RotaryTable:
 
     def _make(self, start: int, length: int) -> torch.Tensor:
         cos, sin = rope_cos_sin(self.inv_freqs, start, length)  # each [L, d/2]
-        return torch.complex(torch.from_numpy(cos), torch.from_numpy(sin))
+        return torch.stack([torch.from_numpy(cos), torch.from_numpy(sin)], dim=-1)  # [L, d/2, 2]
 
     def __call__(self, position: int, length: int, device: torch.device) -> torch.Tensor:
-        return self._table(position, length, device)
+        """Complex rotations [length, d/2] (a view of the stored pairs)."""
+        return torch.view_as_complex(self._table(position, length, device))
 
     @property
     def rows(self) -> torch.Tensor | None:
-        """Every row computed so far (positions 0 .. n-1), [n, d/2]."""
+        """Every row computed so far (positions 0 .. n-1) as (cos, sin) pairs, [n, d/2, 2]."""
         return self._table.rows
 
 
@@ -102,7 +104,7 @@ class Positions:
         self.spans, self.uniform, self.device, self.start, self.length = None, False, positions.device, -1, 1
         self.q_pos = positions[:, None]  # [B] -> [B, 1]
         use_rope = any(r.use_rope for r in args.layer_roles)
-        self.rope = rope.rows[self.q_pos][:, :, None, :] if use_rope else None  # [B, 1, 1, d/2]
+        self.rope = rope.rows[self.q_pos][:, :, None] if use_rope else None  # (cos, sin) [B, 1, 1, d/2, 2]
         self.temps = None if temps is None else temps.rows[self.q_pos][..., None, None]  # [B, 1, 1, 1]
         self._masks = {}
         return self
@@ -115,8 +117,9 @@ class Positions:
 
     def row_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
         """`row_mask` for this forward; a decode step's key positions depend only on the layer kind and
-        the key count, so its masks are built once per forward and shared by the layers of a kind."""
-        if self.length != 1:
+        the key count, so its masks are built once per forward and shared by the layers of a kind (a
+        compiled step builds each; the compiler merges equal ones, and a lookup would fix the key count)."""
+        if self.length != 1 or torch.compiler.is_compiling():
             return row_mask(q_pos, k_pos, chunk)
         key = (-1, 1, -1, k_pos.shape[-1], chunk)
         if key not in self._masks:
@@ -158,7 +161,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x [B, L, heads, d] with pairs (x[2j], x[2j+1]) multiplied by complex `rotation` [L, 1, d/2]; fp32 math."""
+    """x [B, L, heads, d] with pairs (x[2j], x[2j+1]) multiplied by complex `rotation` [L, 1, d/2] (or its
+    real view [L, 1, d/2, 2]); fp32 math."""
+    if not rotation.is_complex():  # (cos, sin) pairs: the same products in real numbers (compilable)
+        cos, sin = rotation[..., 0], rotation[..., 1]
+        pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, heads, d/2, 2]
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, heads, d/2] complex
     out = torch.view_as_real(pairs * rotation)  # [B, L, heads, d/2, 2]
     return out.flatten(-2).to(x.dtype)  # [B, L, heads, d]

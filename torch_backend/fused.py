@@ -139,6 +139,8 @@ class FusedGroup:
         autograd on, or members re-pointed elsewhere since the last refresh."""
         if torch.is_grad_enabled() or self.storage is None or self.quant is not None:
             return None
+        if torch.compiler.is_compiling():
+            return self._weight
         if getattr(*self.members[0]).data_ptr() != self._ptr:
             return None
         if self.extra and getattr(*self.extra[0]).data_ptr() != self._extra_ptr:
@@ -195,7 +197,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Larger inputs (prefill) run whole, with oneDNN.
     """
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS:
+    if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or torch.compiler.is_compiling():
         return F.linear(x, weight)
     if x.dtype in REDUCED:
         if rows > NATIVE_MAX_ROWS or not weight.is_contiguous():

@@ -69,8 +69,9 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
             logits = model(inp, cache=cache, last_only=True).logits  # [1, 1, V]: a prefill needs no more
             position += chunk.shape[1]
         token = sample_rows(logits[:, -1], rows, np.array([rand.next()]), PenaltyBatch.of([history]))
-    # On CUDA the decode step replays a CUDA graph (captured over this cache on first use).
-    graphs = DecodeRunner(model, graphs=True) if device.type == "cuda" and model.cuda_graphs else None
+    # On CUDA the decode step replays a CUDA graph (captured over this cache on first use); on the CPU
+    # it runs compiled where the model asks for it (`load(compile_decode=True)`).
+    graphs = DecodeRunner.for_model(model)
     while True:
         taken = int(token.item())
         if history is not None:

@@ -7,7 +7,7 @@ caches' storage. `RowPool` keeps a batch's caches in storage that stays put whil
 leave (leavers' places are filled by moving later rows down), so a bucket's graph is captured once
 and replayed until a cache or table has to grow (then it is captured again). Rows past the live
 ones in a bucket are padding: they decode token 0 at position 0 into their own unused slots.
-Off CUDA (and with graphs off) the same runner calls the step directly.
+Off CUDA (and with graphs off) the same runner calls the step directly, or compiled on the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from torch_backend.model import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 AHEAD = 1024  # a global cache that must grow grows this much further, so graphs are captured again rarely
+# The compiled CPU step attends over every reserved slot (masked), so it reserves less ahead.
+CPU_AHEAD = 256
 Cache = KVCache | ChunkedKVCache
 
 
@@ -99,25 +101,46 @@ class RowPool:
 
 class DecodeRunner:
     """`model.decode_rows` for the live rows of caches with room for their bucket, through CUDA graphs
-    where `graphs` is on and the model is on CUDA, else directly."""
+    where `graphs` is on and the model is on CUDA, compiled where `compiled` is on and the model is on
+    the CPU (`torch_backend.compiled`), else directly."""
 
-    def __init__(self, model: Transformer, graphs: bool) -> None:
+    def __init__(self, model: Transformer, graphs: bool, compiled: bool = False) -> None:
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.graphs = graphs and self.device.type == "cuda"
+        self.step = model.decode_rows
+        if compiled and self.device.type == "cpu":
+            from torch_backend.compiled import CompiledStep
+
+            self.step = CompiledStep(model)
         self._captured: dict[int, tuple[tuple[int, ...], object, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> DecodeRunner | None:
+        """The runner a single sequence decodes through: CUDA graphs on CUDA (unless `model.cuda_graphs` is
+        off), the compiled step on the CPU where `model.compile_decode` is on (one process); None: the model's
+        forward."""
+        device = model.tok_embeddings.weight.device
+        if device.type == "cuda" and model.cuda_graphs:
+            return cls(model, graphs=True)
+        if device.type == "cpu" and model.compile_decode and model.world is None:
+            if model._compiled_runner is None:  # one per model: its compiled graph is reused by every call
+                model._compiled_runner = cls(model, graphs=False, compiled=True)
+            return model._compiled_runner
+        return None
 
     def __call__(self, caches: Sequence[Cache], n: int, tokens: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         """Logits [n, V] of the first n rows decoding `tokens` [n] (device) at `positions` [n] (host)."""
         end = int(positions.max()) + 1
         b = bucket(n) if self.graphs else n
-        self.model.prepare_decode(list(caches), end, AHEAD if self.graphs else 0)
+        ahead = AHEAD if self.graphs else (CPU_AHEAD if self.step is not self.model.decode_rows else 0)
+        self.model.prepare_decode(list(caches), end, ahead)
         views = view_rows(caches, b)
         pos = torch.zeros(b, dtype=torch.long)
         pos[:n] = torch.from_numpy(positions)
         if not self.graphs:
-            return self.model.decode_rows(tokens, pos.to(self.device), views)
+            return self.step(tokens, pos.to(self.device), views)
         return self._replay(views, b, n, tokens, pos)
 
     def _signature(self, views: Sequence[Cache]) -> tuple[int, ...]:

@@ -132,9 +132,10 @@ def _stored_dtype(weights: Mapping[str, torch.Tensor]) -> torch.dtype:
 
 def load_model(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
                show_progress: bool = False, cuda_graphs: bool = True, world: World | None = None,
-               revision: str | None = None, dequantize: bool = False) -> Transformer:
+               revision: str | None = None, dequantize: bool = False, compile_decode: bool = False) -> Transformer:
     """The model in `path` on `device` (default: cuda > mps > cpu) in `dtype` (default: as stored).
     `cuda_graphs`: on CUDA, decode through CUDA graphs (`torch_backend.graphs`); False decodes eagerly.
+    `compile_decode`: on the CPU, a single sequence decodes through `torch.compile` (`torch_backend.compiled`).
     `world` (`torch_backend.distributed.init_world()`): load only this rank's tensor-parallel share.
     `path` may be a Hugging Face Hub id (`org/name`, at `revision`; a local folder of that name wins).
     A quantized folder stays packed on the CPU (`torch_backend.quantize`) unless `dequantize`."""
@@ -171,6 +172,7 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     if targets:  # checked_items already checked the names: a model / checkpoint mismatch
         raise ModelFolderError(f"{path}: no weights for {', '.join(sorted(targets)[:5])}")
     model.cuda_graphs = cuda_graphs
+    model.compile_decode = compile_decode
     if world is not None:
         model.attach_world(world)
     return model.eval()  # inference only: no autograd graphs
@@ -182,8 +184,10 @@ def load_tokenizer(path: str | Path, revision: str | None = None) -> Tokenizer:
 
 def load(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
          show_progress: bool = False, cuda_graphs: bool = True, world: World | None = None,
-         revision: str | None = None, dequantize: bool = False) -> tuple[Transformer, Tokenizer]:
+         revision: str | None = None, dequantize: bool = False,
+         compile_decode: bool = False) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer from one folder, or a Hugging Face Hub id (`org/name`, at `revision`)."""
     folder = resolve_model(path, revision)
-    model = load_model(folder, dtype, device, show_progress, cuda_graphs, world, dequantize=dequantize)
+    model = load_model(folder, dtype, device, show_progress, cuda_graphs, world, dequantize=dequantize,
+                       compile_decode=compile_decode)
     return model, load_tokenizer(folder)

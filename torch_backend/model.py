@@ -75,6 +75,8 @@ class Transformer(FusedModule):
         self.rope = RotaryTable(args)
         self.temperatures = temperature_table(args)
         self.cuda_graphs = True  # decode through CUDA graphs where the model is on CUDA (`load(cuda_graphs=...)`)
+        self.compile_decode = False  # decode through torch.compile on the CPU (`load(compile_decode=...)`)
+        self._compiled_runner: Any = None  # that runner, made on first use
         self.world: Any = None  # a tensor-parallel world (`attach_world`), or None
         self._output = FusedGroup([(self.output, "weight")])
         self.register_load_state_dict_post_hook(lambda model, _: refresh_fused(model))

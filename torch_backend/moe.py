@@ -117,6 +117,15 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, gate_value: torch.Te
     return torch.empty_like(y).index_copy_(0, order, y)  # rows back in slot order
 
 
+def _expert_id(e: torch.Tensor, num_experts: int) -> int:
+    """A one-element id tensor as an int; while compiling, a symbolic one (no recompile per expert)."""
+    i = e.item()
+    if torch.compiler.is_compiling():
+        torch._check(i >= 0)
+        torch._check(i < num_experts)
+    return i
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as [E, out, in] tensors; only the selected experts are read.
 
@@ -147,7 +156,7 @@ class Experts(nn.Module):
         gv, out = self._fused()
         if gv is None or out is None:  # autograd on: the canonical parameters, one by one
             return (F.silu(x @ self.w_gate[e].mT) * (x @ self.w_value[e].mT)) @ self.w_out[e].mT
-        if isinstance(e, int):  # views of one expert's block of the fused storage: no copies
+        if isinstance(e, int | torch.SymInt):  # views of one expert's block of the fused storage: no copies
             return swiglu_product(x, gv[e], out[e])
         return swiglu(x @ gv.mT[e]) @ out.mT[e]  # gathered copies [N, D, 2F] and [N, F, D]
 
@@ -159,7 +168,7 @@ class Experts(nn.Module):
         two batched products (one thread each) instead of four: on a 2-core CPU a 16-expert layer
         of the small benchmark model took 470 us against 590 us.
         """
-        if self.storage is None or x.device.type != "cpu" or x.dtype != torch.float32:
+        if self.storage is None or x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
             return None
         gv, out = (g.storage for g in self.storage)  # [E+1, D, 2F], [E+1, F, D]
         if gv is None or gv.dtype != torch.float32 or gv.device.type != "cpu" or self._fused()[0] is None:
@@ -183,7 +192,9 @@ class Experts(nn.Module):
         if experts.numel() > GATHER_MAX_SLOTS or x.device.type != "cpu":
             return self._sorted(x, experts)  # a prefill where grouped products are missing: a loop over experts
         # On the CPU reading the ids costs nothing, and each slot reads its expert's weights in place.
-        rows = [self._expert(x[i : i + 1], e) for i, e in enumerate(experts.tolist())]  # [1, D] each
+        ids = ([_expert_id(experts[i], self.num_experts) for i in range(experts.numel())]
+               if torch.compiler.is_compiling() else experts.tolist())
+        rows = [self._expert(x[i : i + 1], e) for i, e in enumerate(ids)]  # [1, D] each
         return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(x.dtype)
 
     @property
@@ -198,7 +209,7 @@ class Experts(nn.Module):
     def _quantized(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Each slot through its expert's packed kernels (on the CPU, where reading the ids costs nothing)."""
         if experts.numel() == 1:
-            return self.quantized_expert(x, int(experts))
+            return self.quantized_expert(x, _expert_id(experts, self.num_experts))
         return self._sorted(x, experts, self.quantized_expert)
 
     def _sorted(self, x: torch.Tensor, experts: torch.Tensor,

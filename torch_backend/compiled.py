@@ -1,0 +1,75 @@
+"""The CPU decode step through `torch.compile`: `Transformer.decode_rows` traced once into one graph
+whose element-wise work inductor fuses into a few generated C++ loops, so a step costs its products
+instead of hundreds of eager operations (each a Python call and a kernel dispatch).
+
+What makes the step one graph without recompiles:
+- an expert id is read with `.item()` as a symbolic integer (`capture_scalar_outputs`), so indexing
+  an expert's weights is one traced view whatever the id, not a constant per expert;
+- the growing tables (RoPE rotations, NoPE temperatures) and the global caches' slot axis are marked
+  dynamic, so their growth reuses the graph;
+- the model code takes its compile-friendly branch where `torch.compiler.is_compiling()` (plain
+  `F.linear`, real arithmetic for the rotations, no pointer checks on fused storage).
+
+The first call compiles (10-20 s on a 2-core CPU, less with inductor's on-disk cache warm). Where
+compiling fails (no C++ compiler, an unsupported platform), the step warns once and runs eagerly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.fx.experimental import _config as fx_config
+
+from torch_backend.cache import ChunkedKVCache, KVCache
+from torch_backend.model import Transformer
+
+Cache = KVCache | ChunkedKVCache
+Step = Callable[[torch.Tensor, torch.Tensor, list[Cache]], torch.Tensor]
+
+
+class CompiledStep:
+    """`model.decode_rows` compiled; called like it (tokens [B], positions [B], caches) -> logits [B, V]."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        # emulate_precision_casts: fused bfloat16/float16 element-wise chains round where eager torch
+        # rounds (after each operation), so the compiled step computes the numbers the eager one does.
+        self._compiled: Step | None = torch.compile(model.decode_rows, dynamic=False,
+                                                    options={"emulate_precision_casts": True})
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Sequence[Cache]) -> torch.Tensor:
+        caches = list(caches)
+        if self._compiled is None:
+            return self.model.decode_rows(tokens, positions, caches)
+        self._mark_growing(caches)
+        try:
+            # Without duck shaping a global cache that happens to hold as many slots as a chunk ring
+            # still gets its own (dynamic) size.
+            with torch._dynamo.config.patch(capture_scalar_outputs=True), fx_config.patch(use_duck_shape=False):
+                return self._compiled(tokens, positions, caches)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the same step, eagerly
+            if not _compiler_failure(e):
+                raise
+            warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {str(e).splitlines()[0]}",
+                          RuntimeWarning, stacklevel=2)
+            self._compiled = None
+            return self.model.decode_rows(tokens, positions, caches)
+
+    def _mark_growing(self, caches: list[Cache]) -> None:
+        """Axes that grow during a generation, dynamic from the first trace on (so growth never recompiles)."""
+        for table in (self.model.rope, self.model.temperatures):
+            if table is not None and table.rows is not None:
+                torch._dynamo.maybe_mark_dynamic(table.rows, 0)
+        for c in caches:
+            if isinstance(c, KVCache) and c.keys is not None:  # a chunk ring keeps its size
+                torch._dynamo.mark_dynamic(c.keys, 2)
+                torch._dynamo.maybe_mark_dynamic(c.values, 2)
+
+
+def _compiler_failure(e: Exception) -> bool:
+    """Whether `e` came from tracing or compiling (not from the model's own checks)."""
+    from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError, Unsupported
+
+    return isinstance(e, BackendCompilerFailed | Unsupported | TorchRuntimeError)
