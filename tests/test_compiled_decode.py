@@ -36,7 +36,8 @@ def _paths(model, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
                           last_only=True).logits[:, 0]
         tokens, position = [first.argmax(-1)] * 2, len(PROMPT)
         for _ in range(steps):
-            a = model(TransformerInput(tokens=tokens[0][:, None], tokens_position=position), cache=caches[0]).logits[:, 0]
+            inp = TransformerInput(tokens=tokens[0][:, None], tokens_position=position)
+            a = model(inp, cache=caches[0]).logits[:, 0]
             b = runner(caches[1], 1, tokens[1], np.array([position]))
             for c in caches[1]:
                 c.offsets = np.array([position + 1])
