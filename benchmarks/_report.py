@@ -45,9 +45,9 @@ def runs_table(result: dict[str, Any]) -> str:
 
 
 def ratios_table(result: dict[str, Any]) -> str:
-    rows = [[r["backend"], r["dtype"], r["peer"], r.get("prefill_ratio"), r.get("decode_ratio"),
+    rows = [[r.get("impl", "ours"), r["backend"], r["dtype"], r["peer"], r.get("prefill_ratio"), r.get("decode_ratio"),
              r.get("load_ratio"), r.get("greedy_tokens_equal", r.get("peer_error"))] for r in result["ratios"]]
-    return _table(["backend", "dtype", "peer", "prefill ours/peer", "decode ours/peer", "load peer/ours",
+    return _table(["ours", "backend", "dtype", "peer", "prefill ours/peer", "decode ours/peer", "load peer/ours",
                    "greedy tokens equal"], rows)
 
 

@@ -4,7 +4,7 @@ generation through that library's public generation API.
 Each runner returns a function `timed(prompt_ids, max_tokens) -> (tokens, stamps)`: the greedy
 tokens and the `time.perf_counter()` at which each arrived, relative to the call. The first stamp
 ends the prefill; the rest time decoding. Variants are dicts (JSON from the parent):
-`impl` (ours | mlx_lm | transformers | transformers_static | llama_cpp), `backend` (mlx | torch), `dtype`, `path`,
+`impl` (ours | ours_compiled | mlx_lm | transformers | transformers_static | llama_cpp), `backend` (mlx | torch), `dtype`, `path`,
 `prompt_tokens`, `gen_tokens`, `trials`, `threads`.
 """
 
@@ -32,7 +32,7 @@ def _stamped(tokens: Iterator[int]) -> tuple[list[int], list[float]]:
     return out, stamps
 
 
-def _ours(backend: str, path: str, dtype: str | None, device: str = "cpu") -> Timed:
+def _ours(backend: str, path: str, dtype: str | None, device: str = "cpu", compiled: bool = False) -> Timed:
     from common.sampling import SamplingParams
 
     if backend == "mlx":
@@ -42,7 +42,7 @@ def _ours(backend: str, path: str, dtype: str | None, device: str = "cpu") -> Ti
     else:
         from torch_backend import load, stream_generate
 
-        model, tok = load(path, dtype=dtype, device=device)
+        model, tok = load(path, dtype=dtype, device=device, compile_decode=compiled)
     greedy = SamplingParams(temperature=0.0)
     return lambda ids, n: _stamped(r.token for r in stream_generate(model, tok, ids, max_tokens=n, sampling=greedy))
 
@@ -104,8 +104,8 @@ def load_runner(spec: dict[str, Any]) -> Timed:
     impl, backend, dtype, path = spec["impl"], spec["backend"], spec.get("dtype"), spec["path"]
     device = spec.get("device", "cpu")
     float_dtype = dtype if dtype in TORCH_DTYPES else None  # q4 / q8: the folder says
-    if impl == "ours":
-        return _ours(backend, path, float_dtype, device)
+    if impl in ("ours", "ours_compiled"):
+        return _ours(backend, path, float_dtype, device, compiled=impl == "ours_compiled")
     if impl == "mlx_lm":
         return _mlx_lm(path, None if float_dtype == "float32" else float_dtype)
     if impl == "llama_cpp":
@@ -114,7 +114,7 @@ def load_runner(spec: dict[str, Any]) -> Timed:
         return runner(path, int(spec.get("threads") or 0), int(spec["prompt_tokens"]) + int(spec["gen_tokens"]) + 64)
     if impl in ("transformers", "transformers_static"):
         return _transformers(path, float_dtype, device, static=impl == "transformers_static")
-    raise ValueError(f"impl: expected ours, mlx_lm, llama_cpp, transformers or transformers_static, got {impl!r}")
+    raise ValueError(f"impl: expected ours, ours_compiled, mlx_lm, llama_cpp, transformers or transformers_static, got {impl!r}")
 
 
 def _peak_rss_bytes() -> int:
@@ -151,7 +151,9 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t
     prompt = prompt_ids(int(spec["vocab_size"]), int(spec["prompt_tokens"]))
     n = int(spec["gen_tokens"])
-    timed(prompt, min(4, n))
+    t = time.perf_counter()
+    timed(prompt, min(4, n))  # ours_compiled compiles its decode step here
+    warmup_s = time.perf_counter() - t
     prefill, decode, tokens = [], [], []
     for _ in range(int(spec["trials"])):
         tokens, stamps = timed(prompt, n)
@@ -159,7 +161,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"{spec['impl']}: asked for {n} tokens, got {len(stamps)}")
         prefill.append(len(prompt) / stamps[0])
         decode.append((n - 1) / (stamps[-1] - stamps[0]) if n > 1 else 0.0)
-    return {"load_s": round(load_s, 3), "prefill_tps": round(statistics.median(prefill), 2),
+    return {"load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3), "prefill_tps": round(statistics.median(prefill), 2),
             "decode_tps": round(statistics.median(decode), 2),
             "prefill_tps_trials": [round(v, 2) for v in prefill], "decode_tps_trials": [round(v, 2) for v in decode],
             "tokens": tokens[:16], **_peak_gb(spec["backend"])}

@@ -3,11 +3,12 @@ prints JSON (stdout) and a markdown table (stderr).
 
     python -m benchmarks.bench_generate [--size tiny|small|medium | --model PATH] [--backends mlx,torch]
         [--dtypes float32,bfloat16,q8,q4] [--trials 3] [--rounds 1] [--prompt-tokens 512] [--gen-tokens 128]
-        [--threads N] [--no-peers] [--extras kv,moe,membw] [--json FILE]
+        [--threads N] [--no-peers] [--compile] [--extras kv,moe,membw] [--json FILE]
 
 For each backend and dtype: load time, prefill tokens/s (time to the first token of a
 `--prompt-tokens` prompt), decode tokens/s (the next `--gen-tokens` - 1 greedy tokens), peak
-memory; each in a fresh process (so peak memory is its own), one warm-up, then `--trials` runs;
+memory; each in a fresh process (so peak memory is its own), one warm-up (`warmup_s`: where
+`--compile`'s `ours_compiled` compiles its decode step), then `--trials` runs;
 with `--rounds` the whole sequence repeats and medians are over every trial of every round.
 Right after each of ours, the same weights through its peers when installed: mlx-lm
 (`mlx_lm.load` + `stream_generate`; q8/q4 folders come from `apps.convert`, which mlx-lm reads)
@@ -48,6 +49,7 @@ from common.files import find_checkpoint, read_args
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"torch": ("float32", "bfloat16", "q8", "q4"), "mlx": ("float32", "bfloat16", "q8", "q4")}
 PEERS = {"torch": ("transformers", "llama_cpp"), "mlx": ("mlx_lm",)}
+OURS = ("ours", "ours_compiled")  # ours_compiled: torch's CPU decode step through torch.compile (--compile)
 FLOAT_ONLY = ("transformers", "transformers_static")  # peers that cannot read the q8/q4 folders
 CUDA_PEERS = ("transformers", "transformers_static")  # on CUDA also transformers' static cache + torch.compile
 
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads in every process (0: torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of the torch runs")
     p.add_argument("--no-peers", action="store_true", help="skip mlx-lm, transformers and llama.cpp")
+    p.add_argument("--compile", action="store_true",
+                   help="torch on the CPU: also run ours with the compiled decode step (ours_compiled)")
     p.add_argument("--extras", default="kv,moe,membw", help="any of kv, moe, membw; empty for none")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     p.add_argument("--json", default=None, help="also write the JSON to this file")
@@ -142,12 +146,16 @@ def peers_of(backend: str, device: str = "cpu") -> tuple[str, ...]:
     return CUDA_PEERS if backend == "torch" and device == "cuda" else PEERS[backend]
 
 
-def plan(backends: list[str], dtypes: list[str], peers: bool, device: str = "cpu") -> list[tuple[str, str, str]]:
-    """(impl, backend, dtype) in run order: each of ours, then its peers on the same folder."""
+def plan(backends: list[str], dtypes: list[str], peers: bool, device: str = "cpu",
+         compiled: bool = False) -> list[tuple[str, str, str]]:
+    """(impl, backend, dtype) in run order: each of ours (and, with `compiled`, torch's compiled CPU
+    decode step), then its peers on the same folder."""
     out = []
     for backend in backends:
         for dtype in (d for d in DTYPES[backend] if d in dtypes):
             out.append(("ours", backend, dtype))
+            if compiled and backend == "torch" and device == "cpu":
+                out.append(("ours_compiled", backend, dtype))
             out += [(p, backend, dtype) for p in peers_of(backend, device)
                     if peers and _peer_available(p) and not (dtype.startswith("q") and p in FLOAT_ONLY)]
     return out
@@ -167,13 +175,13 @@ def _with_roofline(result: dict[str, Any], args: ModelArgs, dtype: str, impl: st
 def ratios(runs: list[dict[str, Any]], device: str = "cpu") -> list[dict[str, Any]]:
     """ours / peer for each (backend, dtype) and each of its peers that ran."""
     out = []
-    for ours in (r for r in runs if r["impl"] == "ours"):
+    for ours in (r for r in runs if r["impl"] in OURS):
         for name in peers_of(ours["backend"], device):
             if ours["dtype"].startswith("q") and name in FLOAT_ONLY:
                 continue
             peer = next((r for r in runs if r["impl"] == name and r["backend"] == ours["backend"]
                          and r["dtype"] == ours["dtype"]), None)
-            row = {"backend": ours["backend"], "dtype": ours["dtype"], "peer": name}
+            row = {"impl": ours["impl"], "backend": ours["backend"], "dtype": ours["dtype"], "peer": name}
             if peer is None or "error" in peer or "error" in ours:
                 out.append(row | {"peer_error": (peer or {}).get("error", "not run")})
                 continue
@@ -246,7 +254,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         if "membw" in extras:
             result["membw"] = membw_extra()
         bandwidth = result.get("membw", {}).get("roofline_gbps")
-        order = plan(backends, dtypes, not opts.no_peers, opts.device)
+        order = plan(backends, dtypes, not opts.no_peers, opts.device, opts.compile)
         runs = _run_rounds(order, folders_for(src, work, order), args, opts, "membw" in extras, bandwidth)
         result["runs"], result["ratios"] = runs, ratios(runs, opts.device)
         if "kv" in extras:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_generate_tiny_reports_every_run_and_ratio(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "benchmarks.bench_generate", "--size", "tiny", "--trials", "1",
-           "--prompt-tokens", "12", "--gen-tokens", "3", "--dtypes", "float32,q4", "--extras", "kv",
+           "--prompt-tokens", "12", "--gen-tokens", "3", "--dtypes", "float32,q4", "--extras", "kv", "--compile",
            "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -32,8 +32,9 @@ def test_bench_generate_tiny_reports_every_run_and_ratio(tmp_path: Path) -> None
     assert "| impl | backend | dtype |" in proc.stderr  # the markdown table
     assert result["settings"] == {"prompt_tokens": 12, "gen_tokens": 3, "trials": 1, "rounds": 1, "threads": 0,
                                   "device": "cpu"}
-    ours = [r for r in result["runs"] if r["impl"] == "ours"]
-    assert {(r["backend"], r["dtype"]) for r in ours} >= {("torch", "float32")}
+    ours = [r for r in result["runs"] if r["impl"] in ("ours", "ours_compiled")]
+    assert {(r["impl"], r["backend"], r["dtype"]) for r in ours} >= {
+        ("ours", "torch", "float32"), ("ours_compiled", "torch", "float32"), ("ours_compiled", "torch", "q4")}
     for r in ours:
         assert "error" not in r, r
         assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["load_s"] > 0 and r["peak_rss_gb"] > 0
