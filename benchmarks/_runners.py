@@ -4,8 +4,8 @@ generation through that library's public generation API.
 Each runner returns a function `timed(prompt_ids, max_tokens) -> (tokens, stamps)`: the greedy
 tokens and the `time.perf_counter()` at which each arrived, relative to the call. The first stamp
 ends the prefill; the rest time decoding. Variants are dicts (JSON from the parent):
-`impl` (ours | ours_compiled | mlx_lm | transformers | transformers_static | llama_cpp), `backend` (mlx | torch), `dtype`, `path`,
-`prompt_tokens`, `gen_tokens`, `trials`, `threads`.
+`impl` (ours | ours_compiled | mlx_lm | transformers | transformers_static | llama_cpp), `backend`
+(mlx | torch), `dtype`, `path`, `prompt_tokens`, `gen_tokens`, `trials`, `threads`.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def load_runner(spec: dict[str, Any]) -> Timed:
         return runner(path, int(spec.get("threads") or 0), int(spec["prompt_tokens"]) + int(spec["gen_tokens"]) + 64)
     if impl in ("transformers", "transformers_static"):
         return _transformers(path, float_dtype, device, static=impl == "transformers_static")
-    raise ValueError(f"impl: expected ours, ours_compiled, mlx_lm, llama_cpp, transformers or transformers_static, got {impl!r}")
+    raise ValueError("impl: expected ours, ours_compiled, mlx_lm, llama_cpp, transformers or transformers_static, "
+                     f"got {impl!r}")
 
 
 def _peak_rss_bytes() -> int:
@@ -161,7 +162,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"{spec['impl']}: asked for {n} tokens, got {len(stamps)}")
         prefill.append(len(prompt) / stamps[0])
         decode.append((n - 1) / (stamps[-1] - stamps[0]) if n > 1 else 0.0)
-    return {"load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3), "prefill_tps": round(statistics.median(prefill), 2),
-            "decode_tps": round(statistics.median(decode), 2),
+    return {"load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3),
+            "prefill_tps": round(statistics.median(prefill), 2), "decode_tps": round(statistics.median(decode), 2),
             "prefill_tps_trials": [round(v, 2) for v in prefill], "decode_tps_trials": [round(v, 2) for v in decode],
             "tokens": tokens[:16], **_peak_gb(spec["backend"])}
