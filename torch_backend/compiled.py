@@ -1,6 +1,8 @@
 """The CPU decode step through `torch.compile`: `Transformer.decode_rows` traced once into one graph
-whose element-wise work inductor fuses into a few generated C++ loops, so a step costs its products
-instead of hundreds of eager operations (each a Python call and a kernel dispatch).
+whose element-wise work inductor fuses into a few generated C++ loops, called from a generated C++
+wrapper (`cpp_wrapper`), so a step costs its products instead of hundreds of eager operations (each
+a Python call and a kernel dispatch). Measured on a 2-core x86 CPU (small benchmark model, float32):
+6.5 ms a step eagerly, 5.8 compiled with inductor's Python wrapper, 5.1 with the C++ one.
 
 What makes the step one graph without recompiles:
 - an expert id is read with `.item()` as a symbolic integer (`capture_scalar_outputs`), so indexing
@@ -10,7 +12,7 @@ What makes the step one graph without recompiles:
 - the model code takes its compile-friendly branch where `torch.compiler.is_compiling()` (plain
   `F.linear`, real arithmetic for the rotations, no pointer checks on fused storage).
 
-The first call compiles (10-20 s on a 2-core CPU, less with inductor's on-disk cache warm). Where
+The first call compiles (about 25 s on a 2-core CPU; about 4 s with inductor's on-disk cache warm). Where
 compiling fails (no C++ compiler, an unsupported platform), the step warns once and runs eagerly.
 """
 
@@ -36,8 +38,8 @@ class CompiledStep:
         self.model = model
         # emulate_precision_casts: fused bfloat16/float16 element-wise chains round where eager torch
         # rounds (after each operation), so the compiled step computes the numbers the eager one does.
-        self._compiled: Step | None = torch.compile(model.decode_rows, dynamic=False,
-                                                    options={"emulate_precision_casts": True})
+        options = {"emulate_precision_casts": True, "cpp_wrapper": True}
+        self._compiled: Step | None = torch.compile(model.decode_rows, dynamic=False, options=options)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Sequence[Cache]) -> torch.Tensor:
         caches = list(caches)
