@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from apps.cli import add_model_args, report_errors
 
@@ -123,13 +124,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.chat:
         ids, tiles = _turn_tokens(runner, fmt, args.prompt or DEFAULT_PROMPT, args.system, images=args.image)
         _run_turn(runner, ids, args, sampling, runner.make_cache(), tiles)
-        return 0
+    else:
+        _chat(runner, fmt, args, sampling)
+    if runner.world is not None:
+        runner.world.close()  # every rank got here: tear the group down together
+    return 0
+
+
+def _chat(runner: Any, fmt: Any, args: argparse.Namespace, sampling: Any) -> None:
     cache, last, images = runner.make_cache(), None, args.image  # images go with the first message
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         text = _read_line(runner.world)
         if not text.strip():
-            return 0
+            return
         ids, tiles = _turn_tokens(runner, fmt, text, args.system, last, images)
         last, images = _run_turn(runner, ids, args, sampling, cache, tiles), ()
 

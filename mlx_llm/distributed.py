@@ -46,6 +46,10 @@ class World:
     def barrier(self) -> None:
         mx.eval(mx.distributed.all_sum(mx.array([0]), group=self.group))
 
+    def close(self) -> None:
+        """The end of a run that went well: every rank meets at a barrier (MLX groups need no teardown)."""
+        self.barrier()
+
 
 def init_world() -> World | None:
     """The group of an `mlx.launch` run with more than one process, else None."""

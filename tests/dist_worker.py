@@ -101,6 +101,10 @@ def main() -> None:
     elif name is None:
         name = f"rank{rank}.json"
     (dest / name).write_text(json.dumps(result))
+    if backend == "torch":
+        from torch_backend.distributed import close_world
+
+        close_world()
 
 
 if __name__ == "__main__":

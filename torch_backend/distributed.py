@@ -47,6 +47,20 @@ class World:
     def barrier(self) -> None:
         dist.barrier()
 
+    def close(self) -> None:
+        """The end of a run that went well (`close_world`)."""
+        close_world()
+
+
+def close_world() -> None:
+    """Every rank meets at a barrier, then the process group is destroyed while the interpreter is fully
+    alive: a gloo group left to the interpreter's exit aborted a rank now and then ("terminate called
+    without an active exception"). For runs that went well only: a rank that failed mid-collective
+    would leave the others waiting at the barrier (the exit handler destroys the group then)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
 
 def init_world(device: str = "auto") -> World | None:
     """The process group of a torchrun launch (WORLD_SIZE > 1), else None. On CUDA each rank takes the
