@@ -120,7 +120,10 @@ class PthSource(Mapping[str, Any]):
             raise ModelFolderError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
 
     def _unpickle(self, data: bytes) -> dict[str, Any]:
-        sd = _PthUnpickler(io.BytesIO(data)).load()
+        try:
+            sd = _PthUnpickler(io.BytesIO(data)).load()
+        except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways (OverflowError, KeyError, ...)
+            raise ModelFolderError(f"{self.path}: cannot read checkpoint ({type(e).__name__} in data.pkl: {e})") from e
         if not isinstance(sd, dict):
             raise ModelFolderError(f"{self.path}: expected a dict of tensors, got {type(sd).__name__}")
         return dict(sd)

@@ -218,6 +218,23 @@ def test_pth_files(meta_folder: Path, data) -> None:
     _loaders(case)
 
 
+@pytest.mark.parametrize("pickle_bytes", [b"\x95\x00\x00\x00\x00\x00\x00\x00\x80",  # FRAME of 2**63: OverflowError
+                                          b"\x80\x02h\x05.",  # BINGET of an empty memo
+                                          b"\x80\x02K\x01K\x02R."])  # REDUCE of an int: TypeError
+def test_pth_with_a_damaged_pickle_is_a_clear_error(meta_folder: Path, pickle_bytes: bytes) -> None:
+    """Damaged pickles fail in the unpickler with more than UnpicklingError; every loader names the file."""
+    case = meta_folder.parent / "case-pickle"
+    shutil.rmtree(case, ignore_errors=True)
+    shutil.copytree(meta_folder, case)
+    with zipfile.ZipFile(case / "consolidated.00.pth", "w") as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+    _loaders(case)
+    from apps.convert_io import PthSource
+
+    with pytest.raises(ValueError, match="consolidated.00.pth: cannot read checkpoint"):
+        PthSource(case / "consolidated.00.pth")
+
+
 @FAST
 @given(data=st.data())
 def test_tokenizer_files(tmp_path_factory: pytest.TempPathFactory, data) -> None:
