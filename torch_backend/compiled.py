@@ -46,13 +46,17 @@ class CompiledStep:
         if self._compiled is None:
             return self.model.decode_rows(tokens, positions, caches)
         self._mark_growing(caches)
+        # oneDNN off: one-row products take torch's own matrix-vector kernels, as eagerly
+        # (`torch_backend.fused.linear`); measured on the small benchmark model, bfloat16 decode went
+        # from 138 to 180 tokens/s that way. The flag itself is switched (a process-wide switch,
+        # restored right after): torch.backends.mkldnn.flags() also sets oneDNN's TF32 switch, which
+        # warns on CPU-only builds.
+        previous = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
         try:
             # Without duck shaping a global cache that happens to hold as many slots as a chunk ring
-            # still gets its own (dynamic) size. oneDNN off: one-row products take torch's own
-            # matrix-vector kernels, as eagerly (`torch_backend.fused.linear`); measured on the small
-            # benchmark model, bfloat16 decode went from 138 to 180 tokens/s that way.
-            with (torch._dynamo.config.patch(capture_scalar_outputs=True), fx_config.patch(use_duck_shape=False),
-                  torch.backends.mkldnn.flags(enabled=False)):
+            # still gets its own (dynamic) size.
+            with torch._dynamo.config.patch(capture_scalar_outputs=True), fx_config.patch(use_duck_shape=False):
                 return self._compiled(tokens, positions, caches)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the same step, eagerly
             if not _compiler_failure(e):
@@ -61,6 +65,8 @@ class CompiledStep:
                           RuntimeWarning, stacklevel=2)
             self._compiled = None
             return self.model.decode_rows(tokens, positions, caches)
+        finally:
+            torch.backends.mkldnn.enabled = previous
 
     def _mark_growing(self, caches: list[Cache]) -> None:
         """Axes that grow during a generation, dynamic from the first trace on (so growth never recompiles)."""
@@ -69,7 +75,7 @@ class CompiledStep:
                 torch._dynamo.maybe_mark_dynamic(table.rows, 0)
         for c in caches:
             if isinstance(c, KVCache) and c.keys is not None:  # a chunk ring keeps its size
-                torch._dynamo.mark_dynamic(c.keys, 2)
+                torch._dynamo.maybe_mark_dynamic(c.keys, 2)
                 torch._dynamo.maybe_mark_dynamic(c.values, 2)
 
 
