@@ -140,6 +140,8 @@ class FusedGroup:
         if torch.is_grad_enabled() or self.storage is None or self.quant is not None:
             return None
         if torch.compiler.is_compiling():
+            # Pointers cannot be traced; a compiled step reads the storage the last refresh made (load
+            # hooks and `.to()` refresh it) and its guards check that tensor's dtype, shape and strides.
             return self._weight
         if getattr(*self.members[0]).data_ptr() != self._ptr:
             return None
