@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image file for a vision model, placed before the prompt text (repeatable)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--compile", action="store_true",
-                   help="torch on the CPU: decode through torch.compile (compiles once, ~25 s, ~4 s cached)")
+                   help="torch on the CPU: decode through torch.compile (compiled while loading: ~25 s, ~4 s cached)")
     # Unset sampling flags take the model folder's generation_config.json values, else these defaults.
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=None, help="default: 1 (off)")

@@ -153,7 +153,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     prompt = prompt_ids(int(spec["vocab_size"]), int(spec["prompt_tokens"]))
     n = int(spec["gen_tokens"])
     t = time.perf_counter()
-    timed(prompt, min(4, n))  # ours_compiled compiles its decode step here
+    timed(prompt, min(4, n))
     warmup_s = time.perf_counter() - t
     prefill, decode, tokens = [], [], []
     for _ in range(int(spec["trials"])):

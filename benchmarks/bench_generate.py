@@ -7,8 +7,8 @@ prints JSON (stdout) and a markdown table (stderr).
 
 For each backend and dtype: load time, prefill tokens/s (time to the first token of a
 `--prompt-tokens` prompt), decode tokens/s (the next `--gen-tokens` - 1 greedy tokens), peak
-memory; each in a fresh process (so peak memory is its own), one warm-up (`warmup_s`: where
-`--compile`'s `ours_compiled` compiles its decode step), then `--trials` runs;
+memory; each in a fresh process (so peak memory is its own; `--compile`'s `ours_compiled` compiles
+its decode step while loading), one warm-up (`warmup_s`), then `--trials` runs;
 with `--rounds` the whole sequence repeats and medians are over every trial of every round.
 Right after each of ours, the same weights through its peers when installed: mlx-lm
 (`mlx_lm.load` + `stream_generate`; q8/q4 folders come from `apps.convert`, which mlx-lm reads)

@@ -1,6 +1,7 @@
 """The torch CPU decode step through `torch.compile` (`torch_backend.compiled`): logits within 1e-5 of
 the eager forward path and the same greedy tokens, one compiled graph across expert choices, chunk
-boundaries and a global cache's growth (top-1 and top-2 routing); the same tokens as the eager step
+boundaries and a global cache's growth (top-1 and top-2 routing), compiled while loading and reused
+by generation; the same tokens as the eager step
 in bfloat16 and on a packed 4-bit folder; the eager step, with a warning, where compiling fails; and
 `apps.generate --compile` printing the eager run's text."""
 
@@ -71,6 +72,26 @@ def _greedy(folder: Path, dtype: str | None, compiled: bool, n: int = 40) -> lis
     model = load_model(folder, dtype=dtype, device="cpu", compile_decode=compiled)
     steps = generate_step(model, PROMPT, SamplingParams(temperature=0.0))
     return [next(steps) for _ in range(n)]
+
+
+def test_load_compiles_and_generation_reuses_the_graph(tmp_path: Path) -> None:
+    """`load(compile_decode=True)` compiles while loading; 260 tokens (past a cache growth) add no graph."""
+    import torch
+    from folders import write_hf
+    from torch._dynamo.utils import counters
+
+    from common.sampling import SamplingParams
+    from torch_backend import generate_step, load_model
+
+    args = CONFIGS["dense_moe"]
+    folder = write_hf(tmp_path / "model", args, random_weights(args, seed=5))
+    torch._dynamo.reset()
+    counters.clear()
+    model = load_model(folder, dtype="float32", device="cpu", compile_decode=True)
+    assert counters["frames"]["ok"] == 1
+    steps = generate_step(model, PROMPT, SamplingParams(temperature=0.0))
+    assert len([next(steps) for _ in range(260)]) == 260
+    assert counters["frames"]["ok"] == 1, f"generation compiled again: {dict(counters['frames'])}"
 
 
 def test_bfloat16_compiled_tokens_equal_eager(tmp_path: Path) -> None:

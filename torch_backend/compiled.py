@@ -12,8 +12,9 @@ What makes the step one graph without recompiles:
 - the model code takes its compile-friendly branch where `torch.compiler.is_compiling()` (plain
   `F.linear`, real arithmetic for the rotations, no pointer checks on fused storage).
 
-The first call compiles (about 25 s on a 2-core CPU; about 4 s with inductor's on-disk cache warm). Where
-compiling fails (no C++ compiler, an unsupported platform), the step warns once and runs eagerly.
+The first call compiles (about 25 s on a 2-core CPU; about 4 s with inductor's on-disk cache warm);
+`load(compile_decode=True)` makes that call while loading (`DecodeRunner.warm_up`). Where compiling
+fails (no C++ compiler, an unsupported platform), the step warns once and runs eagerly.
 """
 
 from __future__ import annotations

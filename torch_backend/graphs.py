@@ -130,6 +130,16 @@ class DecodeRunner:
             return model._compiled_runner
         return None
 
+    def warm_up(self) -> None:
+        """One step of one row on a throwaway cache: a compiled step compiles here."""
+        from common.datatypes import TransformerInput
+
+        cache = self.model.make_cache(1)
+        with torch.inference_mode():  # the inputs are inference tensors, as in generation (the graph's guards tell)
+            token = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.model(TransformerInput(tokens=token[None], tokens_position=0), cache=cache)
+            self(cache, 1, token, np.array([1]))
+
     def __call__(self, caches: Sequence[Cache], n: int, tokens: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         """Logits [n, V] of the first n rows decoding `tokens` [n] (device) at `positions` [n] (host)."""
         end = int(positions.max()) + 1

@@ -175,7 +175,14 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     model.compile_decode = compile_decode
     if world is not None:
         model.attach_world(world)
-    return model.eval()  # inference only: no autograd graphs
+    model.eval()  # inference only: no autograd graphs
+    if compile_decode:
+        from torch_backend.graphs import DecodeRunner
+
+        runner = DecodeRunner.for_model(model)
+        if runner is not None:
+            runner.warm_up()  # the step compiles while loading, not inside the first generation
+    return model
 
 
 def load_tokenizer(path: str | Path, revision: str | None = None) -> Tokenizer:
