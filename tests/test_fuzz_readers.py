@@ -79,10 +79,16 @@ def meta_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_meta(tmp_path_factory.mktemp("meta"), random_weights(meta_args(), seed=1))
 
 
-def _config_case(folder: Path, name: str, base: dict, data) -> Path:
+def _fresh_case(folder: Path, name: str) -> Path:
+    """A fresh copy of `folder` beside it, `case-{name}`, for one example to break."""
     case = folder.parent / f"case-{name}"
     shutil.rmtree(case, ignore_errors=True)
     shutil.copytree(folder, case)
+    return case
+
+
+def _config_case(folder: Path, name: str, base: dict, data) -> Path:
+    case = _fresh_case(folder, name)
     (case / name).write_text(json.dumps(mutate(base, data.draw), allow_nan=True))
     return case
 
@@ -152,9 +158,7 @@ def _broken_safetensors(raw: bytes, data) -> bytes:
 def test_safetensors_files(hf_folder: Path, data) -> None:
     from common.files import check_safetensors
 
-    case = hf_folder.parent / "case-st"
-    shutil.rmtree(case, ignore_errors=True)
-    shutil.copytree(hf_folder, case)
+    case = _fresh_case(hf_folder, "st")
     path = case / "model.safetensors"
     path.write_bytes(_broken_safetensors(path.read_bytes(), data))
     clean(lambda: check_safetensors(path))
@@ -195,9 +199,7 @@ def _loaders_strict(folder: Path) -> None:
 def test_pth_files(meta_folder: Path, data) -> None:
     import torch
 
-    case = meta_folder.parent / "case-pth"
-    shutil.rmtree(case, ignore_errors=True)
-    shutil.copytree(meta_folder, case)
+    case = _fresh_case(meta_folder, "pth")
     path = case / "consolidated.00.pth"
     kind = data.draw(st.sampled_from(["bytes", "zip", "object", "truncate"]))
     if kind == "bytes":
@@ -223,9 +225,7 @@ def test_pth_files(meta_folder: Path, data) -> None:
                                           b"\x80\x02K\x01K\x02R."])  # REDUCE of an int: TypeError
 def test_pth_with_a_damaged_pickle_is_a_clear_error(meta_folder: Path, pickle_bytes: bytes) -> None:
     """Damaged pickles fail in the unpickler with more than UnpicklingError; every loader names the file."""
-    case = meta_folder.parent / "case-pickle"
-    shutil.rmtree(case, ignore_errors=True)
-    shutil.copytree(meta_folder, case)
+    case = _fresh_case(meta_folder, "pickle")
     with zipfile.ZipFile(case / "consolidated.00.pth", "w") as z:
         z.writestr("archive/data.pkl", pickle_bytes)
     _loaders(case)
@@ -303,9 +303,7 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(hf_fo
     from common.files import ModelFolderError
     from torch_backend import load_model
 
-    case = hf_folder.parent / "case-huge"
-    shutil.rmtree(case, ignore_errors=True)
-    shutil.copytree(hf_folder, case)
+    case = _fresh_case(hf_folder, "huge")
     config = json.loads((case / "config.json").read_text())
     config["vocab_size"] = 50_000_000  # 50M x 64 float32: 12.8 GB for a 1 MB checkpoint
     (case / "config.json").write_text(json.dumps(config))
@@ -317,9 +315,7 @@ def test_programs_report_a_broken_file_in_one_line(hf_folder: Path, capsys: pyte
     from apps.convert import main as convert_main
     from apps.generate import main as generate_main
 
-    case = hf_folder.parent / "case-cli"
-    shutil.rmtree(case, ignore_errors=True)
-    shutil.copytree(hf_folder, case)
+    case = _fresh_case(hf_folder, "cli")
     raw = (case / "model.safetensors").read_bytes()
     (case / "model.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated
     assert generate_main(["--model", str(case), "--backend", "torch", "--max-tokens", "2"]) == 1

@@ -25,10 +25,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.fx.experimental import _config as fx_config
 
-from torch_backend.cache import ChunkedKVCache, KVCache
-from torch_backend.model import Transformer
+from torch_backend.cache import KVCache
+from torch_backend.model import Cache, Transformer
 
-Cache = KVCache | ChunkedKVCache
 Step = Callable[[torch.Tensor, torch.Tensor, list[Cache]], torch.Tensor]
 
 

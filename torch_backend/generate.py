@@ -71,7 +71,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
         token = sample_rows(logits[:, -1], rows, np.array([rand.next()]), PenaltyBatch.of([history]))
     # On CUDA the decode step replays a CUDA graph (captured over this cache on first use); on the CPU
     # it runs compiled where the model asks for it (`load(compile_decode=True)`).
-    graphs = DecodeRunner.for_model(model)
+    runner = DecodeRunner.for_model(model)
     while True:
         taken = int(token.item())
         if history is not None:
@@ -80,8 +80,8 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
         if position >= model.args.max_seq_len:
             return
         with torch.inference_mode():
-            if graphs is not None:
-                logits = graphs(cache, 1, token.view(1), np.array([position]))  # [1, V]
+            if runner is not None:
+                logits = runner(cache, 1, token.view(1), np.array([position]))  # [1, V]
                 for c in cache:
                     c.offsets = np.array([position + 1])
             else:

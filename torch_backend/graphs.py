@@ -109,10 +109,11 @@ class DecodeRunner:
         self.device = model.tok_embeddings.weight.device
         self.graphs = graphs and self.device.type == "cuda"
         self.step = model.decode_rows
+        self.ahead = AHEAD if self.graphs else 0  # positions a cache that must grow reserves beyond the step
         if compiled and self.device.type == "cpu":
             from torch_backend.compiled import CompiledStep
 
-            self.step = CompiledStep(model)
+            self.step, self.ahead = CompiledStep(model), CPU_AHEAD
         self._captured: dict[int, tuple[tuple[int, ...], object, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
 
@@ -144,8 +145,7 @@ class DecodeRunner:
         """Logits [n, V] of the first n rows decoding `tokens` [n] (device) at `positions` [n] (host)."""
         end = int(positions.max()) + 1
         b = bucket(n) if self.graphs else n
-        ahead = AHEAD if self.graphs else (CPU_AHEAD if self.step is not self.model.decode_rows else 0)
-        self.model.prepare_decode(list(caches), end, ahead)
+        self.model.prepare_decode(list(caches), end, self.ahead)
         views = view_rows(caches, b)
         pos = torch.zeros(b, dtype=torch.long)
         pos[:n] = torch.from_numpy(positions)
