@@ -114,15 +114,41 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _check_merges(spec: Any, name: str) -> None:
+    """A BPE model with a `continuing_subword_prefix` cuts that many bytes off the second piece of every
+    merge; the tokenizers library panics (and prints a backtrace) where the piece is shorter or the cut
+    falls inside a character."""
+    model = spec.get("model") if isinstance(spec, dict) else None
+    prefix = model.get("continuing_subword_prefix") if isinstance(model, dict) else None
+    if not isinstance(prefix, str) or not prefix or not isinstance(model.get("merges"), list):
+        return
+    cut = len(prefix.encode())  # the library cuts bytes
+    for i, merge in enumerate(model["merges"]):
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], str)):
+            continue  # the library's own error names it
+        raw = pair[1].encode()
+        if len(raw) < cut or (len(raw) > cut and raw[cut] & 0xC0 == 0x80):  # short, or cut inside a character
+            raise TokenizerError(f"{name}: model.merges[{i}] {merge!r}: its second piece does not carry the "
+                                 f"continuing_subword_prefix {prefix!r}")
+
+
 class HFTokenizer:
     """A `tokenizer.json`; special tokens are its added tokens marked `special`."""
 
     def __init__(self, json_text: str, specials: HFSpecials | None = None, name: str = "tokenizer.json"):
         try:
-            self._tok = tokenizers.Tokenizer.from_str(json_text)
             spec = json.loads(json_text)
+            _check_merges(spec, name)
+            self._tok = tokenizers.Tokenizer.from_str(json_text)
+        except TokenizerError:
+            raise
         except Exception as e:  # the Rust library raises a bare Exception on a malformed file
             raise TokenizerError(f"{name}: not a valid tokenizer.json ({e})") from None
+        except BaseException as e:  # a panic inside the Rust library arrives as pyo3's PanicException
+            if type(e).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"{name}: not a valid tokenizer.json (the tokenizers library failed: {e})") from None
         self._tok.encode_special_tokens = True  # special-token text in the input stays plain text
         specials = specials or HFSpecials()
         added = self._tok.get_added_tokens_decoder()

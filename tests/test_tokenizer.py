@@ -269,6 +269,36 @@ def test_hf_corrupt_json(tmp_path: Path) -> None:
         load_tokenizer_files(tmp_path)
 
 
+@pytest.mark.parametrize("prefix", ["x" * 50, "\u00e9"])
+def test_hf_merges_shorter_than_the_subword_prefix(tmp_path: Path, prefix: str) -> None:
+    """The tokenizers library panics on these (found by the fuzz test); here they are a one-line error.
+    "\u00e9" is two bytes: the library would cut the merge's one-byte piece inside a character."""
+    spec = json.loads(byte_level_json(CHAT_SPECIALS))
+    spec["model"]["continuing_subword_prefix"] = prefix
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match=r"model.merges\[0\].*continuing_subword_prefix"):
+        load_tokenizer_files(tmp_path)
+
+
+def test_hf_library_panic_is_a_tokenizer_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A panic in the Rust library arrives as pyo3's PanicException, a BaseException: it becomes a
+    TokenizerError, while an interrupt still passes through."""
+    panic = type("PanicException", (BaseException,), {})
+
+    def raise_(error: BaseException):
+        def from_str(text: str):
+            raise error
+        return from_str
+
+    text = byte_level_json(CHAT_SPECIALS)
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_str", raise_(panic("index out of range")))
+    with pytest.raises(TokenizerError, match="tokenizers library failed: index out of range"):
+        HFTokenizer(text)
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_str", raise_(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        HFTokenizer(text)
+
+
 # ---------------------------------------------------------------- loading
 
 
