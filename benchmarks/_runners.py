@@ -131,13 +131,17 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def _peak_gb(backend: str) -> dict[str, float]:
+def _peak_gb(backend: str, device: str = "cpu") -> dict[str, float]:
     rss = _peak_rss_bytes()
     out = {"peak_rss_gb": round(rss / 1e9, 3)}
     if backend == "mlx":
         import mlx.core as mx
 
         out["peak_mlx_gb"] = round(mx.get_peak_memory() / 1e9, 3)
+    if device == "cuda":
+        import torch
+
+        out["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
     return out
 
 
@@ -165,4 +169,4 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     return {"load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3),
             "prefill_tps": round(statistics.median(prefill), 2), "decode_tps": round(statistics.median(decode), 2),
             "prefill_tps_trials": [round(v, 2) for v in prefill], "decode_tps_trials": [round(v, 2) for v in decode],
-            "tokens": tokens[:16], **_peak_gb(spec["backend"])}
+            "tokens": tokens[:16], **_peak_gb(spec["backend"], spec.get("device", "cpu"))}

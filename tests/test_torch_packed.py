@@ -9,7 +9,8 @@ bfloat16 model itself: on 96 held-out tokens the largest logit difference from t
 float32 model was 0.11 (4 bits) and 2.33 (8 bits) where the bfloat16 model's was 1.49 and 2.33,
 every argmax equal (bfloat16: 99%), the held-out loss within 0.0012 (bfloat16: 0.002). Checked:
 no worse than 1.25x the bfloat16 model, the same argmax at 98% of positions or more, the loss
-within 0.005, and MLX's greedy tokens.
+within 0.005, and MLX's greedy tokens. On CUDA (skipped without one) the same bounds hold against
+the dequantized model on that GPU, and its greedy tokens equal the CPU kernels'.
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ torch = pytest.importorskip("torch")
 from apps.convert import convert  # noqa: E402
 from common.args import QuantizationArgs  # noqa: E402
 from common.quant import dequantize, quantize  # noqa: E402
-from torch_backend.qweight import QWeight, codes, kernels_available, model_bytes  # noqa: E402
+from torch_backend.qweight import QWeight, _probe, codes, fits, kernels_available, model_bytes  # noqa: E402
 
 DEMO = Path(__file__).parent.parent / "apps" / "demo_model"
 pytestmark = pytest.mark.skipif(not (kernels_available(4, 64) and kernels_available(8, 64)),
                                 reason="this torch has no packed CPU kernels")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_kernel(bits: int) -> bool:
+    """Whether CUDA has the kernel; CUDA's int4 kernel must be there from compute capability 8.0 on."""
+    found = kernels_available(bits, 64, "cuda")
+    if bits == 4 and torch.cuda.get_device_capability() >= (8, 0):
+        assert found
+    return found
 
 
 def _affine(rng: np.random.Generator, shape: tuple[int, ...], bits: int, group: int):
@@ -75,6 +85,42 @@ def test_stacked_entries(bits: int) -> None:
     for e, p in enumerate(parts):
         alone = QWeight.from_affine([_entries(*p[:3], bits)], bits, 64, stacked=False)
         torch.testing.assert_close(stack.mm(x, e), alone.mm(x), rtol=0, atol=0)
+        torch.testing.assert_close(stack.mm(x, torch.tensor([e])), alone.mm(x), rtol=0, atol=0)  # an id tensor
+
+
+def test_probe_rejects_kernels_that_misread_the_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe gates packed kernels on devices it cannot list: it passes the CPU kernels, refuses
+    group sizes and widths they lack, and refuses a kernel whose products are off (here: zeros)."""
+    assert _probe(torch.device("cpu"), 4, 64) and _probe(torch.device("cpu"), 8, 32)
+    assert not _probe(torch.device("cpu"), 4, 48) and not _probe(torch.device("cpu"), 3, 64)
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda x, w, g, s: torch.zeros(x.shape[0], 64))
+    assert not _probe.__wrapped__(torch.device("cpu"), 4, 64)
+    assert not kernels_available(4, 64, "meta")
+    assert fits(4, 72, 96, torch.device("cuda")) and not fits(4, 68, 96, torch.device("cuda"))
+    assert not fits(4, 72, 80, torch.device("cuda")) and fits(4, 68, 80, torch.device("cpu"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_products_are_the_affine_weight(bits: int) -> None:
+    if not _cuda_kernel(bits):
+        pytest.skip(f"no {bits}-bit packed kernel on this GPU: such weights are dequantized at load")
+    rng = np.random.default_rng(3)
+    parts = [_affine(rng, (96, 384), bits, 64) for _ in range(2)]
+    x = torch.from_numpy(rng.standard_normal((5, 384), dtype=np.float32)).bfloat16().float()
+    stack = QWeight.from_affine((_entries(*p[:3], bits) for p in parts), bits, 64, stacked=True, device="cuda")
+    for e, p in enumerate(parts):
+        cpu = QWeight.from_affine([_entries(*p[:3], bits)], bits, 64, stacked=False)
+        ref = x @ torch.from_numpy(p[3]).T
+        got = stack.mm(x.cuda(), e).cpu()
+        assert (got - ref).abs().max() / ref.abs().max() < (8e-3 if bits == 4 else 2e-2)
+        # both kernels round the same bfloat16 product: a bfloat16 step of the largest output at most
+        assert (got - cpu.mm(x)).abs().max() <= 2**-7 * ref.abs().max()
+        # decoding steps pick the entry by a device id (no host read): the same numbers
+        torch.testing.assert_close(stack.mm(x.cuda(), torch.tensor([e], device="cuda")).cpu(), got, rtol=0, atol=0)
+    # the codes (bits / 8 bytes each) and a bfloat16 scale and zero per group (4 bits) or scale per row (8 bits)
+    assert stack.packed.device.type == "cuda"
+    assert stack.nbytes == 2 * (96 * 384 * bits // 8 + (96 * 384 // 64 * 4 if bits == 4 else 96 * 2))
 
 
 @pytest.fixture(scope="module", params=[4, 8])
@@ -169,3 +215,59 @@ def test_generate_cli_runs_packed_and_dequantized(demo_quantized: tuple[int, Pat
     r = subprocess.run(cmd, cwd=DEMO.parent.parent, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 5 and "backend: torch" in r.stderr
+
+
+@needs_cuda
+def test_demo_packed_on_cuda(demo_quantized: tuple[int, Path]) -> None:
+    """On CUDA: packed where the GPU has the kernel, memory the folder's size, logits against the
+    dequantized model on the GPU within 1.25x the bfloat16 model's error (4 bits) or the CPU kernels'
+    error (8 bits: the same re-quantized weights), greedy tokens through CUDA graphs equal the eager
+    step's."""
+    import itertools
+
+    from backends import make
+    from test_demo_model import heldout_loss
+
+    from torch_backend import generate_step, load_model
+    from torch_backend import load_tokenizer as tokenizer_of
+    from torch_backend.graphs import DecodeRunner
+
+    bits, folder = demo_quantized
+    if not _cuda_kernel(bits):
+        pytest.skip(f"no {bits}-bit packed kernel on this GPU: such weights are dequantized at load")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    small = load_model(folder, device="cuda")
+    used = torch.cuda.memory_allocated() - before
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    assert small.layers[0].attention._qkv.quant is not None and small.layers[1].feed_forward.experts.packed
+    assert model_bytes(small) <= used <= 1.02 * stored  # the allocator rounds each tensor up to 512 bytes
+    del small
+    packed = load_model(folder, dtype="float32", device="cuda")
+    reference = load_model(folder, dtype="float32", device="cuda", dequantize=True)
+    bf16 = load_model(folder, dtype="bfloat16", device="cuda", dequantize=True)
+    tokens = np.load(DEMO / "heldout_tokens.npy").astype(np.int64)[:96].reshape(2, 48)
+    want = _logits(reference, tokens)
+    if bits == 4:
+        level = np.abs(_logits(bf16, tokens) - want)
+    else:
+        cpu = load_model(folder, dtype="float32", device="cpu")
+        level = np.abs(_logits(cpu, tokens) - _logits(load_model(folder, dtype="float32", device="cpu",
+                                                                  dequantize=True), tokens))
+    got = np.abs(_logits(packed, tokens) - want)
+    assert got.max() <= 1.25 * level.max() and np.percentile(got, 99) <= 1.25 * np.percentile(level, 99)
+    assert (_logits(packed, tokens).argmax(-1) == want.argmax(-1)).mean() >= 0.98
+    backend = make("torch")
+    assert abs(heldout_loss(backend, packed) - heldout_loss(backend, reference)) < 0.005
+    # Greedy decoding in float32: through CUDA graphs the eager step's tokens, each one the dequantized
+    # model's argmax up to twice the bound above (|packed - reference| on both logits).
+    prompt = tokenizer_of(folder).encode("def fibonacci(n):")
+    runs = []
+    for graphs in (True, False):
+        model = load_model(folder, dtype="float32", device="cuda", cuda_graphs=graphs)
+        assert (DecodeRunner.for_model(model) is not None) == graphs
+        runs.append(list(itertools.islice(generate_step(model, prompt), 32)))
+    assert runs[0] == runs[1]
+    ref = _logits(reference, np.array([prompt + runs[0][:-1]]))[0, len(prompt) - 1 :]  # [32, V]
+    picked = ref[np.arange(32), runs[0]]
+    assert (ref.max(-1) - picked <= 2 * 1.25 * level.max()).all()

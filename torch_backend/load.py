@@ -138,7 +138,7 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     `compile_decode`: on the CPU, a single sequence decodes through `torch.compile` (`torch_backend.compiled`).
     `world` (`torch_backend.distributed.init_world()`): load only this rank's tensor-parallel share.
     `path` may be a Hugging Face Hub id (`org/name`, at `revision`; a local folder of that name wins).
-    A quantized folder stays packed on the CPU (`torch_backend.quantize`) unless `dequantize`."""
+    A quantized folder stays packed on the CPU and CUDA (`torch_backend.quantize`) unless `dequantize`."""
     files = find_checkpoint(resolve_model(path, revision))
     args = read_args(files)
     if world is None:
@@ -152,8 +152,8 @@ def load_model(path: str | Path, dtype: str | None = None, device: str | torch.d
     check_model_size(files, args, target_dtype.itemsize * (1 if world is None else world.size))
     with torch.device("meta"):
         model = Transformer(args)
-    packable = world is None and target_device.type == "cpu" and not dequantize
-    kept = keep_packed(model, weights, args, target_dtype) if packable else set()
+    packable = world is None and target_device.type in ("cpu", "cuda") and not dequantize
+    kept = keep_packed(model, weights, args, target_dtype, target_device) if packable else set()
     weights = dequantized(weights, args, target_dtype, kept)  # other MLX quantized tensors, expanded on load
     # Allocate the final (fused) storage once, then copy each tensor into place as it is read, so
     # the weights exist once in memory.

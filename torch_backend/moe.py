@@ -7,6 +7,7 @@ Shapes: N token slots (tokens x top_k), T tokens, D model dim, F hidden dim, E e
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -35,13 +36,15 @@ def swiglu_product(x: torch.Tensor, gate_value: torch.Tensor, out: torch.Tensor)
     return linear(swiglu(linear(x, gate_value)), out)  # [.., 2F] -> [.., F] -> [.., D]
 
 
-def packed_swiglu(x: torch.Tensor, gate_value: FusedGroup, out: FusedGroup, e: int | None = None) -> torch.Tensor:
-    """SwiGLU where one group or both are packed (`FusedGroup.quant`); `e`: the entry of stacked groups."""
+def packed_swiglu(x: torch.Tensor, gate_value: FusedGroup, out: FusedGroup,
+                  e: int | torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU where one group or both are packed (`FusedGroup.quant`); `e`: the entry of stacked groups
+    (an int, or a one-element id tensor on the device, whose entry is copied out without a host read)."""
     def product(group: FusedGroup, h: torch.Tensor) -> torch.Tensor:
         if group.quant is not None:
             return group.quant.mm(h, e)
         w = group.float_weight()
-        return linear(h, w if e is None else w[e])
+        return linear(h, w if e is None else w[e] if not isinstance(e, torch.Tensor) else w.index_select(0, e)[0])
 
     return product(out, swiglu(product(gate_value, x)))
 
@@ -85,14 +88,22 @@ def grouped_fits(x: torch.Tensor, gv: torch.Tensor, out: torch.Tensor) -> bool:
 @functools.cache
 def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, *row_major: bool) -> bool:
     """One tiny grouped product per weight layout (row-major [E, in, out] or its transpose), once per
-    process: the first MoE call is a prefill, outside any CUDA graph capture."""
+    process: the first MoE call is a prefill, outside any CUDA graph capture. On CUDA the product must
+    also capture into a graph, as decode steps do (torch 2.11's float32 fallback reads the offsets on
+    the host, which a capture refuses)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
         for rows in row_major:
             w = torch.zeros((2, 16, 16), dtype=dtype, device=device)
-            torch._grouped_mm(torch.zeros((4, 16), dtype=dtype, device=device), w if rows else w.mT,
-                              offs=torch.tensor([2, 4], dtype=torch.int32, device=device))
+            x = torch.zeros((4, 16), dtype=dtype, device=device)
+            offs = torch.tensor([2, 4], dtype=torch.int32, device=device)
+            torch._grouped_mm(x, w if rows else w.mT, offs=offs)
+            if device.type == "cuda":
+                with warnings.catch_warnings():  # a refused capture also warns that its graph is empty
+                    warnings.simplefilter("ignore")
+                    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                        torch._grouped_mm(x, w if rows else w.mT, offs=offs)
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
     return True
@@ -207,7 +218,12 @@ class Experts(nn.Module):
         return packed_swiglu(x, *self.storage, e=e)
 
     def _quantized(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Each slot through its expert's packed kernels (on the CPU, where reading the ids costs nothing)."""
+        """Each slot through its expert's packed kernels: decoding on accelerators with the expert's packed
+        entry copied out by its id on the device (no host read, so a CUDA graph captures the step), else
+        (the CPU, where reading the ids costs nothing, and prefills) by ids read on the host."""
+        if x.device.type != "cpu" and experts.numel() <= GATHER_MAX_SLOTS_ACCELERATOR:
+            rows = [packed_swiglu(x[i : i + 1], *self.storage, e=experts[i : i + 1]) for i in range(experts.numel())]
+            return rows[0] if len(rows) == 1 else torch.cat(rows)  # [1, D] each -> [N, D]
         if experts.numel() == 1:
             return self.quantized_expert(x, _expert_id(experts, self.num_experts))
         return self._sorted(x, experts, self.quantized_expert)
@@ -279,3 +295,4 @@ class MoE(FusedModule):
         if gv is None or out is None:
             return self.shared_expert(x)
         return swiglu_product(x, gv[-1], out[-1])  # entry E of the fused storage
+

@@ -1,9 +1,10 @@
 """MLX quantized folders in torch.
 
-On the CPU, projections whose weights are all quantized in a form torch's packed-integer kernels
-take (4 bits with group size 32-256, or 8 bits) stay packed (`torch_backend.qweight`), and so does
-the embedding table: the model takes the memory of the quantized folder. Everything else (other
-bit widths, other devices, `dequantize=True`, the router and the vision encoder) is dequantized into
+On the CPU and CUDA, projections whose weights are all quantized in a form torch's packed-integer
+kernels take on that device (CPU: 4 bits with group size 32-256, or 8 bits; CUDA: what its probe
+product found working, `torch_backend.qweight.kernels_available`) stay packed, and so does the
+embedding table: the model takes the memory of the quantized folder. Everything else (other bit
+widths, other devices, `dequantize=True`, the router and the vision encoder) is dequantized into
 the model's dtype at load (w = s * q + b, computed in float32, then cast once): the numbers of the
 quantized weights with the memory of the float model. One 4-bit download thus serves both backends.
 """
@@ -21,18 +22,18 @@ from common.array_ops import LazyDict, shape_of
 from common.names import canonical_shapes
 from common.quant import declared_specs, infer_spec, part_names, quantized_tensors, require_declared
 from torch_backend.fused import FusedModule
-from torch_backend.qweight import QWeight, codes, kernels_available
+from torch_backend.qweight import QWeight, codes, fits, kernels_available
 
 _CHUNK = 1 << 24  # values dequantized at a time, to bound the float32 temporaries
 
 
 def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, spec: QuantizationArgs,
                dtype: torch.dtype) -> torch.Tensor:
-    """The float weight [..., out, in] in `dtype` from its packed parts (on the CPU)."""
+    """The float weight [..., out, in] in `dtype` from its packed parts, on their device."""
     *lead, groups = shape_of(scales)
     n = groups * spec.group_size
     wq, scales, biases = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, groups), biases.reshape(-1, groups)
-    out = torch.empty((wq.shape[0], n), dtype=dtype)  # [R, in], R = rows over all leading axes
+    out = torch.empty((wq.shape[0], n), dtype=dtype, device=wq.device)  # [R, in], R = rows over all leading axes
     step = max(1, _CHUNK // n)
     for r in range(0, wq.shape[0], step):
         q = codes(wq[r : r + step], spec.bits).view(-1, groups, spec.group_size)  # [r, G, group]
@@ -67,11 +68,13 @@ def _dequantize_named(weights: Mapping[str, torch.Tensor], name: str, shape: tup
 
 
 def keep_packed(model: nn.Module, weights: Mapping[str, torch.Tensor], args: ModelArgs,
-                dtype: torch.dtype) -> set[str]:
+                dtype: torch.dtype, device: torch.device | str = "cpu") -> set[str]:
     """Hand the quantized weights of `model` (built on the meta device, not yet allocated) to packed
-    kernels where they allow it: each fused group whose members are all quantized with one spec the
-    kernels take gets a `QWeight` (`FusedGroup.quant`), a quantized embedding becomes a `QEmbedding`.
-    Returns the canonical names now held packed; `dequantized(..., kept=...)` passes over them."""
+    kernels on `device` where they allow it: each fused group whose members are all quantized with one
+    spec the kernels take (in shapes that fit their tiles) gets a `QWeight` (`FusedGroup.quant`), a
+    quantized embedding becomes a `QEmbedding`. Returns the canonical names now held packed;
+    `dequantized(..., kept=...)` passes over them."""
+    device = torch.device(device)
     specs = declared_specs(weights, args)
     if not specs:
         return set()
@@ -86,18 +89,22 @@ def keep_packed(model: nn.Module, weights: Mapping[str, torch.Tensor], args: Mod
             extra = [canonical[id(getattr(*m))] for m in group.extra]
             found = {specs.get(n) for n in members + extra}
             spec = found.pop() if len(found) == 1 else None
-            if spec is None or not kernels_available(spec.bits, spec.group_size):
+            if spec is None or not kernels_available(spec.bits, spec.group_size, device):
+                continue
+            rows = sum(shapes[n][-2] for n in members)  # N of the fused product
+            if not fits(spec.bits, rows, shapes[members[0]][-1], device):
                 continue
             stacked = len(shapes[members[0]]) == 3
             count = shapes[members[0]][0] if stacked else 1
             entries = (_side_by_side(weights, members, spec.bits, e if stacked else None) for e in range(count))
             if extra:
                 entries = itertools.chain(entries, [_side_by_side(weights, extra, spec.bits, None)])
-            group.quant = QWeight.from_affine(entries, spec.bits, spec.group_size, stacked)
+            group.quant = QWeight.from_affine(entries, spec.bits, spec.group_size, stacked, device)
             kept.update(members + extra)
     spec = specs.get("tok_embeddings.weight")
-    if spec is not None:
-        wq, scales, biases = (weights[p].clone() for p in part_names("tok_embeddings.weight"))  # off the file
+    if spec is not None and (device.type == "cpu" or 32 % spec.bits == 0):  # other widths unpack through numpy
+        # off the file: a copy on the CPU, a transfer elsewhere
+        wq, scales, biases = (weights[p].to(device, copy=True) for p in part_names("tok_embeddings.weight"))
         model.tok_embeddings = QEmbedding(wq, scales, biases, spec, dtype)
         kept.add("tok_embeddings.weight")
     return kept
@@ -123,7 +130,7 @@ class QEmbedding(nn.Module):
         super().__init__()
         self.spec, self.dtype = spec, dtype
         # An empty stand-in where code asks the embedding for the model's device and dtype.
-        self.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=wq.device), requires_grad=False)
         self.register_buffer("wq", wq.view(torch.int32), persistent=False)  # [V, D*bits/32], uint32 bits
         self.register_buffer("scales", scales, persistent=False)  # [V, D/G]
         self.register_buffer("biases", biases, persistent=False)

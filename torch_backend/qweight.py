@@ -1,35 +1,75 @@
-"""MLX-quantized weights kept quantized in torch, for its packed-integer CPU kernels.
+"""MLX-quantized weights kept quantized in torch, for its packed-integer kernels (CPU and CUDA).
 
-- 4 bits: `torch._weight_int4pack_mm_for_cpu` takes int4 codes with a scale and a zero per group of
-  inputs, w = (q - 8) * scale + zero; MLX's affine w = q * scale + bias is that form exactly with
-  zero = bias + 8 * scale (the codes are the same).
-- 8 bits: `torch._weight_int8pack_mm` takes one scale per output row, symmetric. MLX's per-group
-  affine weights are re-quantized to it: w ~ round(w / s) * s with s = max|w| / 127 per row.
+- 4 bits: `torch._weight_int4pack_mm_for_cpu` (CPU) and `torch._weight_int4pack_mm` (CUDA) take int4
+  codes with a scale and a zero per group of inputs, w = (q - 8) * scale + zero; MLX's affine
+  w = q * scale + bias is that form exactly with zero = bias + 8 * scale (the codes are the same).
+  The CUDA kernel reads the codes two to a byte, tiled in 8 outputs by 16 inputs: N % 8 == 0 and
+  K % 32 == 0 (`fits`).
+- 8 bits: `torch._weight_int8pack_mm` (CPU) takes one scale per output row, symmetric. MLX's
+  per-group affine weights are re-quantized to it: w ~ round(w / s) * s with s = max|w| / 127 per
+  row. On CUDA the same int8 codes and row scales go through the bfloat16 GEMM (see `mm`).
 
-The kernels run with bfloat16 activations (they are 20-50x slower with float32 or float16 ones on
-this CPU), so a quantized product casts its input to bfloat16 and its output back. Stacks of
-experts keep one packed matrix per expert. Shapes: N outputs, K inputs, G group size, E experts.
+The kernels run with bfloat16 activations (on the CPU they are 20-50x slower with float32 or float16
+ones), so a quantized product casts its input to bfloat16 and its output back. Stacks of experts
+keep one packed matrix per expert. On CUDA a kernel is used only once a probe product on that device
+matched the dequantized weight (`kernels_available`), else the weights are dequantized at load.
+Shapes: N outputs, K inputs, G group size, E experts.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.quant import unpack
 
 KERNEL_DTYPE = torch.bfloat16
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes both int4 kernels take
 
 
-def kernels_available(bits: int, group_size: int) -> bool:
-    """Whether this torch has the CPU kernel for `bits` (group sizes its int4 kernel takes)."""
+def kernels_available(bits: int, group_size: int, device: torch.device | str = "cpu") -> bool:
+    """Whether this torch has a packed kernel for `bits` and `group_size` on `device`: on the CPU the
+    kernels' presence, on CUDA a probe product that ran and matched (once per device and spec)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _probe(device, bits, group_size)
+    if device.type != "cpu":
+        return False
     if bits == 8:
         return hasattr(torch, "_weight_int8pack_mm")
-    return (bits == 4 and group_size in (32, 64, 128, 256) and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+    return (bits == 4 and group_size in INT4_GROUPS and hasattr(torch, "_weight_int4pack_mm_for_cpu")
             and hasattr(torch, "_convert_weight_to_int4pack_for_cpu"))
+
+
+def fits(bits: int, n: int, k: int, device: torch.device) -> bool:
+    """Whether an [N, K] weight fits the kernel's tiles on `device` (CUDA int4: 8 outputs by 32 inputs)."""
+    return not (device.type == "cuda" and bits == 4) or (n % 8 == 0 and k % 32 == 0)
+
+
+@functools.cache
+def _probe(device: torch.device, bits: int, group_size: int) -> bool:
+    """A [64, K] product through the packed kernel on `device` against the dequantized weight's: the
+    kernel must run (CUDA's int4 kernel needs compute capability 8.0) and read the codes as packed here."""
+    if bits not in (4, 8) or (bits == 4 and group_size not in INT4_GROUPS):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    n, k = 64, max(256, 2 * group_size)
+    q = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.int32)
+    s = torch.rand((n, k // group_size), generator=gen) / 64 + 1 / 256
+    b = -s * (1 << (bits - 1)) + torch.randn((n, k // group_size), generator=gen) / 256
+    w = (q.view(n, -1, group_size) * s[..., None] + b[..., None]).flatten(1)  # [N, K/G, G] -> [N, K]
+    x = torch.randn((3, k), generator=gen).to(KERNEL_DTYPE).float()
+    want = x @ w.T
+    try:
+        got = QWeight.from_affine([(q, s, b)], bits, group_size, False, device).mm(x.to(device)).float().cpu()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError):
+        return False
+    return bool(((got - want).abs().max() <= 0.03 * want.abs().max()).item())
 
 
 def codes(wq: torch.Tensor, bits: int) -> torch.Tensor:
@@ -37,7 +77,7 @@ def codes(wq: torch.Tensor, bits: int) -> torch.Tensor:
     words = wq.view(torch.int32)  # same bits; torch's uint32 has few kernels
     if 32 % bits:  # values straddle words: the numpy reference
         return torch.from_numpy(unpack(words.numpy().view(np.uint32), bits).view(np.int32))
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
     # Arithmetic shifts copy the sign bit down, which the mask removes.
     q = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., W, 32 / bits]
     return q.flatten(-2)  # [..., W * 32 / bits]
@@ -54,21 +94,23 @@ class QWeight:
 
     @classmethod
     def from_affine(cls, entries: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bits: int,
-                    group_size: int, stacked: bool) -> QWeight:
-        """From (integer codes q [N, K], MLX's per-group scales and biases [N, K/G]) of one weight, or of each
-        entry of a stack (`stacked`), converted one entry at a time so the temporaries stay one entry big."""
+                    group_size: int, stacked: bool, device: torch.device | str = "cpu") -> QWeight:
+        """From (integer codes q [N, K], MLX's per-group scales and biases [N, K/G], on the CPU) of one
+        weight, or of each entry of a stack (`stacked`), packed for `device` one entry at a time so the
+        temporaries stay one entry big."""
+        device = torch.device(device)
         packed, params = [], []
         for q, s, b in entries:
             s, b = s.float(), b.float()
             if bits == 4:
-                packed.append(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1))
-                params.append(torch.stack([s.t(), (b + 8 * s).t()], dim=-1).to(KERNEL_DTYPE))  # [K/G, N, 2]
+                packed.append(_pack_int4(q, device))
+                params.append(torch.stack([s.t(), (b + 8 * s).t()], dim=-1).to(device, KERNEL_DTYPE))  # [K/G, N, 2]
             else:
                 # [N, K] -> [N, K/G, G]: the affine values, then one symmetric scale per output row
                 w = (q.view(q.shape[0], s.shape[1], -1).float() * s[..., None] + b[..., None]).flatten(1)
                 row = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # [N]
-                packed.append(torch.round(w / row[:, None]).clamp(-127, 127).to(torch.int8))
-                params.append(row.to(KERNEL_DTYPE))
+                packed.append(torch.round(w / row[:, None]).clamp(-127, 127).to(device, torch.int8))
+                params.append(row.to(device, KERNEL_DTYPE))
         if not stacked:
             return cls(bits, group_size, packed[0], params[0])
         return cls(bits, group_size, torch.stack(packed), torch.stack(params))
@@ -77,16 +119,34 @@ class QWeight:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales.nbytes
 
-    def mm(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
-        """x [..., K] @ w.T -> [..., N] (expert `e` of a stack), in x's dtype."""
-        packed = self.packed if e is None else self.packed[e]
-        scales = self.scales if e is None else self.scales[e]
-        x2 = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)  # [..., K] -> [M, K]
+    def mm(self, x: torch.Tensor, e: int | torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] @ w.T -> [..., N] (entry `e` of a stack: an int, or a one-element id tensor on the
+        device, whose entry is copied out without a host read), in x's dtype."""
+        packed, scales = self.packed, self.scales
+        if isinstance(e, torch.Tensor):
+            packed, scales = packed.index_select(0, e)[0], scales.index_select(0, e)[0]
+        elif e is not None:
+            packed, scales = packed[e], scales[e]
+        x2 = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # [..., K] -> [M, K]
         if self.bits == 4:
-            y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales)
+            mm4 = torch._weight_int4pack_mm_for_cpu if packed.device.type == "cpu" else torch._weight_int4pack_mm
+            y = mm4(x2, packed, self.group_size, scales)
+        elif packed.device.type != "cpu":
+            # CUDA: the codes widened to a bfloat16 temporary (exact) through the GEMM, scaled per output
+            # row; torch's int8 kernel there took 1.1-1.7x as long at one row and 30-250x at 512 (H100).
+            y = F.linear(x2, packed.to(KERNEL_DTYPE)) * scales
         else:
             y = torch._weight_int8pack_mm(x2, packed, scales)
         return y.to(x.dtype).view(*x.shape[:-1], -1)  # [M, N] -> [..., N]
+
+def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Codes q [N, K] (0..15) in the int4 kernel's layout on `device`."""
+    if device.type == "cpu":
+        return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    k = q.shape[1]
+    inner = next(t for t in (8, 4, 2) if k % (16 * t) == 0)  # k-tiles of 16 per 32-bit load: the widest that fit
+    pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K] -> [N, K/2], even inputs in the high nibble
+    return torch._convert_weight_to_int4pack(pairs.to(device), inner)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
