@@ -3,7 +3,7 @@
 Tensors are read one at a time from memory-mapped files; each canonical tensor is produced, then
 copied (converted to the target dtype and device) into the
 model's preallocated storage, so the weights exist once in memory. MLX quantized folders keep
-their weights packed on the CPU where torch's integer kernels take them, and are dequantized into
+their weights packed on the CPU and CUDA where torch's integer kernels take them, and are dequantized into
 the model's dtype otherwise (`torch_backend.quantize`).
 """
 
