@@ -76,6 +76,27 @@ def test_8bit_requantization_error_is_half_a_step() -> None:
     np.testing.assert_allclose(packed.mm(x).float().numpy().T, back.bfloat16().float().numpy(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("bits", "group"), [(8, 64), (4, 32), (4, 64), (4, 128)])
+def test_prefill_gemm_equals_the_kernel(bits: int, group: int) -> None:
+    """From INT8_GEMM_ROWS / INT4_GEMM_ROWS rows on, products widen or unpack the codes into bfloat16 and
+    run the GEMM: the kernel's numbers up to bfloat16 rounding (of the output; 4 bits: also of the
+    unpacked weight, one step of 2^-8 of the largest weight)."""
+    from torch_backend.qweight import INT4_GEMM_ROWS, INT8_GEMM_ROWS, _cpu_layout_known
+
+    assert _cpu_layout_known()  # this torch packs int4 as the unpacking expects
+    rng = np.random.default_rng(4)
+    wq, s, b, w = _affine(rng, (192, 256), bits, group)
+    packed = QWeight.from_affine([_entries(wq, s, b, bits)], bits, group, stacked=False)
+    m = (INT8_GEMM_ROWS if bits == 8 else INT4_GEMM_ROWS) + 8
+    x = torch.from_numpy(rng.standard_normal((m, 256), dtype=np.float32)).bfloat16().float()
+    rows = torch.cat([packed.mm(x[i : i + 1]) for i in range(m)])  # the kernel, one row at a time
+    gemm = packed.mm(x)
+    err = (gemm - rows).abs().max() / rows.abs().max()
+    assert 0 < err <= (2**-7 if bits == 8 else 2**-6)
+    ref = x @ torch.from_numpy(w).T
+    assert (gemm - ref).abs().max() / ref.abs().max() < 1e-2
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_stacked_entries(bits: int) -> None:
     rng = np.random.default_rng(2)

@@ -7,7 +7,8 @@
   K % 32 == 0 (`fits`).
 - 8 bits: `torch._weight_int8pack_mm` (CPU) takes one scale per output row, symmetric. MLX's
   per-group affine weights are re-quantized to it: w ~ round(w / s) * s with s = max|w| / 127 per
-  row. On CUDA the same int8 codes and row scales go through the bfloat16 GEMM (see `mm`).
+  row. On CUDA, and for many rows on the CPU, the same int8 codes and row scales go through the
+  bfloat16 GEMM (`INT8_GEMM_ROWS`).
 
 The kernels run with bfloat16 activations (on the CPU they are 20-50x slower with float32 or float16
 ones), so a quantized product casts its input to bfloat16 and its output back. Stacks of experts
@@ -29,6 +30,15 @@ import torch.nn.functional as F
 from common.quant import unpack
 
 KERNEL_DTYPE = torch.bfloat16
+# From this many rows on (prefills), 8-bit products on the CPU widen the codes and run the bfloat16
+# GEMM: torch's int8 kernel costs about one matrix-vector product per row (a [3072, 1024] weight, 2
+# cores: 4.8 ms against 1.1 ms at 128 rows, even at 16). On CUDA it is always the GEMM: there the int8
+# kernel took 1.1-1.7x as long at one row and 30-250x at 512 rows (H100).
+INT8_GEMM_ROWS = 32
+# From this many rows on, 4-bit products on the CPU unpack the weight into bfloat16 and run the GEMM:
+# the int4 kernel too costs about a matrix-vector product per row ([3072, 1024]: 4.5 ms against 3.0
+# at 128 rows, 17.8 against 3.3 at 512; unpacking alone 1.9 ms).
+INT4_GEMM_ROWS = 96
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes both int4 kernels take
 
 
@@ -128,12 +138,15 @@ class QWeight:
         elif e is not None:
             packed, scales = packed[e], scales[e]
         x2 = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # [..., K] -> [M, K]
-        if self.bits == 4:
+        if self.bits == 4 and packed.device.type == "cpu" and x2.shape[0] >= INT4_GEMM_ROWS and _cpu_blocks(packed):
+            n = packed.shape[0]
+            y = torch.matmul(x2, _unpacked_blocks(packed, scales, self.group_size))  # [N/64, M, 64]
+            y = y.transpose(0, 1).reshape(x2.shape[0], n)  # [M, N/64, 64] -> [M, N]
+        elif self.bits == 4:
             mm4 = torch._weight_int4pack_mm_for_cpu if packed.device.type == "cpu" else torch._weight_int4pack_mm
             y = mm4(x2, packed, self.group_size, scales)
-        elif packed.device.type != "cpu":
-            # CUDA: the codes widened to a bfloat16 temporary (exact) through the GEMM, scaled per output
-            # row; torch's int8 kernel there took 1.1-1.7x as long at one row and 30-250x at 512 (H100).
+        elif packed.device.type != "cpu" or x2.shape[0] >= INT8_GEMM_ROWS:
+            # The codes widened to a bfloat16 temporary (exact) through the GEMM, scaled per output row.
             y = F.linear(x2, packed.to(KERNEL_DTYPE)) * scales
         else:
             y = torch._weight_int8pack_mm(x2, packed, scales)
@@ -147,6 +160,36 @@ def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
     inner = next(t for t in (8, 4, 2) if k % (16 * t) == 0)  # k-tiles of 16 per 32-bit load: the widest that fit
     pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K] -> [N, K/2], even inputs in the high nibble
     return torch._convert_weight_to_int4pack(pairs.to(device), inner)
+
+
+def _unpacked_blocks(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The CPU int4 layout as bfloat16 weights w.T by blocks of 64 outputs, [N/64, K, 64] (no transposes).
+    That layout is [N/64, K, 32] bytes: outputs 0-31 of a block in the low nibbles, 32-63 in the high."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    b = packed.view(n // 64, k, 32)
+    w = torch.cat([b & 15, b >> 4], dim=-1).to(KERNEL_DTYPE)  # [N/64, K, 64]
+    # scale and zero [K/G, N, 2] -> [N/64, K/G, 1, 64] each; w = (q - 8) * scale + zero
+    s = scales[..., 0].reshape(k // group_size, n // 64, 64).transpose(0, 1).contiguous()
+    z = (scales[..., 1] - 8 * scales[..., 0]).reshape(k // group_size, n // 64, 64).transpose(0, 1).contiguous()
+    w.view(n // 64, k // group_size, group_size, 64).mul_(s[:, :, None, :]).add_(z[:, :, None, :])
+    return w
+
+
+def _cpu_blocks(packed: torch.Tensor) -> bool:
+    """Whether `_unpacked_blocks` reads this packed weight: outputs in whole blocks of 64, and this torch's
+    CPU packing lays them out as it expects (checked once)."""
+    return packed.shape[0] % 64 == 0 and _cpu_layout_known()
+
+
+@functools.cache
+def _cpu_layout_known() -> bool:
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    scales = torch.tensor([1.0, 8.0], dtype=KERNEL_DTYPE).expand(1, 128, 2)  # w = (q - 8) + 8 = q
+    try:
+        w = _unpacked_blocks(torch._convert_weight_to_int4pack_for_cpu(q, 1), scales, 64)  # [2, 64, 64]
+    except (RuntimeError, ValueError):
+        return False
+    return torch.equal(w.transpose(1, 2).reshape(128, 64).int(), q)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
