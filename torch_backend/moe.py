@@ -295,4 +295,3 @@ class MoE(FusedModule):
         if gv is None or out is None:
             return self.shared_expert(x)
         return swiglu_product(x, gv[-1], out[-1])  # entry E of the fused storage
-

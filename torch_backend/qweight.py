@@ -152,6 +152,7 @@ class QWeight:
             y = torch._weight_int8pack_mm(x2, packed, scales)
         return y.to(x.dtype).view(*x.shape[:-1], -1)  # [M, N] -> [..., N]
 
+
 def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Codes q [N, K] (0..15) in the int4 kernel's layout on `device`."""
     if device.type == "cpu":
