@@ -36,9 +36,9 @@ KERNEL_DTYPE = torch.bfloat16
 # kernel took 1.1-1.7x as long at one row and 30-250x at 512 rows (H100).
 INT8_GEMM_ROWS = 32
 # From this many rows on, 4-bit products on the CPU unpack the weight into bfloat16 and run the GEMM:
-# the int4 kernel too costs about a matrix-vector product per row ([3072, 1024]: 4.5 ms against 3.0
-# at 128 rows, 17.8 against 3.3 at 512; unpacking alone 1.9 ms).
-INT4_GEMM_ROWS = 96
+# the int4 kernel too costs about a matrix-vector product per row ([3072, 1024]: 4.5 ms against 2.3
+# at 128 rows, 17.6 against 5.2 at 512; the two cross near 64 rows for the small model's shapes).
+INT4_GEMM_ROWS = 64
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes both int4 kernels take
 
 
@@ -139,9 +139,7 @@ class QWeight:
             packed, scales = packed[e], scales[e]
         x2 = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # [..., K] -> [M, K]
         if self.bits == 4 and packed.device.type == "cpu" and x2.shape[0] >= INT4_GEMM_ROWS and _cpu_blocks(packed):
-            n = packed.shape[0]
-            y = torch.matmul(x2, _unpacked_blocks(packed, scales, self.group_size))  # [N/64, M, 64]
-            y = y.transpose(0, 1).reshape(x2.shape[0], n)  # [M, N/64, 64] -> [M, N]
+            y = x2 @ _unpacked_t(packed, scales, self.group_size)  # [M, K] @ [K, N]
         elif self.bits == 4:
             mm4 = torch._weight_int4pack_mm_for_cpu if packed.device.type == "cpu" else torch._weight_int4pack_mm
             y = mm4(x2, packed, self.group_size, scales)
@@ -163,21 +161,23 @@ def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch._convert_weight_to_int4pack(pairs.to(device), inner)
 
 
-def _unpacked_blocks(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The CPU int4 layout as bfloat16 weights w.T by blocks of 64 outputs, [N/64, K, 64] (no transposes).
-    That layout is [N/64, K, 32] bytes: outputs 0-31 of a block in the low nibbles, 32-63 in the high."""
+def _unpacked_t(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The CPU int4 layout unpacked into the bfloat16 weight's transpose w.T [K, N]. That layout is
+    [N/64, K, 32] bytes: outputs 0-31 of each block of 64 in the low nibbles, 32-63 in the high ones."""
     n, k = packed.shape[0], packed.shape[1] * 2
     b = packed.view(n // 64, k, 32)
-    w = torch.cat([b & 15, b >> 4], dim=-1).to(KERNEL_DTYPE)  # [N/64, K, 64]
-    # scale and zero [K/G, N, 2] -> [N/64, K/G, 1, 64] each; w = (q - 8) * scale + zero
-    s = scales[..., 0].reshape(k // group_size, n // 64, 64).transpose(0, 1).contiguous()
-    z = (scales[..., 1] - 8 * scales[..., 0]).reshape(k // group_size, n // 64, 64).transpose(0, 1).contiguous()
-    w.view(n // 64, k // group_size, group_size, 64).mul_(s[:, :, None, :]).add_(z[:, :, None, :])
-    return w
+    q = torch.cat([b & 15, b >> 4], dim=-1).to(KERNEL_DTYPE)  # [N/64, K, 64]
+    q = q.transpose(0, 1).reshape(k // group_size, group_size, n // 64, 64)  # a view: [K/G, G, N/64, 64]
+    # scale and zero [K/G, N, 2] -> [K/G, 1, N/64, 64] each; w = (q - 8) * scale + zero
+    s = scales[..., 0].contiguous().view(k // group_size, 1, n // 64, 64)
+    z = (scales[..., 1] - 8 * scales[..., 0]).view(k // group_size, 1, n // 64, 64)
+    # out of place into fresh [K, N] storage (reading q transposed); in-place broadcasting was 4x slower
+    w = torch.empty((k // group_size, group_size, n // 64, 64), dtype=KERNEL_DTYPE)
+    return torch.addcmul(z, q, s, out=w).view(k, n)
 
 
 def _cpu_blocks(packed: torch.Tensor) -> bool:
-    """Whether `_unpacked_blocks` reads this packed weight: outputs in whole blocks of 64, and this torch's
+    """Whether `_unpacked_t` reads this packed weight: outputs in whole blocks of 64, and this torch's
     CPU packing lays them out as it expects (checked once)."""
     return packed.shape[0] % 64 == 0 and _cpu_layout_known()
 
@@ -187,10 +187,10 @@ def _cpu_layout_known() -> bool:
     q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     scales = torch.tensor([1.0, 8.0], dtype=KERNEL_DTYPE).expand(1, 128, 2)  # w = (q - 8) + 8 = q
     try:
-        w = _unpacked_blocks(torch._convert_weight_to_int4pack_for_cpu(q, 1), scales, 64)  # [2, 64, 64]
+        w = _unpacked_t(torch._convert_weight_to_int4pack_for_cpu(q, 1), scales, 64)  # [64, 128]
     except (RuntimeError, ValueError):
         return False
-    return torch.equal(w.transpose(1, 2).reshape(128, 64).int(), q)
+    return torch.equal(w.t().int(), q)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
