@@ -244,6 +244,7 @@ def test_demo_packed_on_cuda(demo_quantized: tuple[int, Path]) -> None:
     dequantized model on the GPU within 1.25x the bfloat16 model's error (4 bits) or the CPU kernels'
     error (8 bits: the same re-quantized weights), greedy tokens through CUDA graphs equal the eager
     step's."""
+    import gc
     import itertools
 
     from backends import make
@@ -256,6 +257,7 @@ def test_demo_packed_on_cuda(demo_quantized: tuple[int, Path]) -> None:
     bits, folder = demo_quantized
     if not _cuda_kernel(bits):
         pytest.skip(f"no {bits}-bit packed kernel on this GPU: such weights are dequantized at load")
+    gc.collect()  # models of earlier tests hold reference cycles: freed now, not during this load
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     small = load_model(folder, device="cuda")
