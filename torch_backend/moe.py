@@ -16,6 +16,7 @@ from torch import nn
 
 from common.args import ModelArgs
 from torch_backend.fused import FusedGroup, FusedModule, linear
+from torch_backend.qweight import entry
 
 # Up to this many token slots (decode) each slot reads its own expert's weights directly; larger
 # inputs are sorted by expert and run expert by expert.
@@ -43,8 +44,7 @@ def packed_swiglu(x: torch.Tensor, gate_value: FusedGroup, out: FusedGroup,
     def product(group: FusedGroup, h: torch.Tensor) -> torch.Tensor:
         if group.quant is not None:
             return group.quant.mm(h, e)
-        w = group.float_weight()
-        return linear(h, w if e is None else w[e] if not isinstance(e, torch.Tensor) else w.index_select(0, e)[0])
+        return linear(h, entry(group.float_weight(), e))
 
     return product(out, swiglu(product(gate_value, x)))
 

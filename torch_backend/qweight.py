@@ -72,7 +72,7 @@ def _probe(device: torch.device, bits: int, group_size: int) -> bool:
     q = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.int32)
     s = torch.rand((n, k // group_size), generator=gen) / 64 + 1 / 256
     b = -s * (1 << (bits - 1)) + torch.randn((n, k // group_size), generator=gen) / 256
-    w = (q.view(n, -1, group_size) * s[..., None] + b[..., None]).flatten(1)  # [N, K/G, G] -> [N, K]
+    w = affine(q, s, b)
     x = torch.randn((3, k), generator=gen).to(KERNEL_DTYPE).float()
     want = x @ w.T
     try:
@@ -91,6 +91,20 @@ def codes(wq: torch.Tensor, bits: int) -> torch.Tensor:
     # Arithmetic shifts copy the sign bit down, which the mask removes.
     q = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., W, 32 / bits]
     return q.flatten(-2)  # [..., W * 32 / bits]
+
+
+def affine(q: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MLX's affine weight q * s + b in float32 from codes q [N, K] and per-group s, b [N, K/G]."""
+    groups = q.view(q.shape[0], s.shape[1], -1).float()  # [N, K] -> [N, K/G, G]
+    return (groups * s[..., None] + b[..., None]).flatten(1)  # [N, K/G, G] -> [N, K]
+
+
+def entry(stack: torch.Tensor, e: int | torch.Tensor | None) -> torch.Tensor:
+    """Entry `e` of a stack [E, ...]: a view for an int, a copy for a one-element id tensor on the device
+    (no host read, so a CUDA graph captures it); the whole tensor for None."""
+    if e is None:
+        return stack
+    return stack.index_select(0, e)[0] if isinstance(e, torch.Tensor) else stack[e]
 
 
 @dataclass
@@ -116,8 +130,7 @@ class QWeight:
                 packed.append(_pack_int4(q, device))
                 params.append(torch.stack([s.t(), (b + 8 * s).t()], dim=-1).to(device, KERNEL_DTYPE))  # [K/G, N, 2]
             else:
-                # [N, K] -> [N, K/G, G]: the affine values, then one symmetric scale per output row
-                w = (q.view(q.shape[0], s.shape[1], -1).float() * s[..., None] + b[..., None]).flatten(1)
+                w = affine(q, s, b)  # then one symmetric scale per output row
                 row = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # [N]
                 packed.append(torch.round(w / row[:, None]).clamp(-127, 127).to(device, torch.int8))
                 params.append(row.to(device, KERNEL_DTYPE))
@@ -132,11 +145,7 @@ class QWeight:
     def mm(self, x: torch.Tensor, e: int | torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] @ w.T -> [..., N] (entry `e` of a stack: an int, or a one-element id tensor on the
         device, whose entry is copied out without a host read), in x's dtype."""
-        packed, scales = self.packed, self.scales
-        if isinstance(e, torch.Tensor):
-            packed, scales = packed.index_select(0, e)[0], scales.index_select(0, e)[0]
-        elif e is not None:
-            packed, scales = packed[e], scales[e]
+        packed, scales = entry(self.packed, e), entry(self.scales, e)
         x2 = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # [..., K] -> [M, K]
         if self.bits == 4 and packed.device.type == "cpu" and x2.shape[0] >= INT4_GEMM_ROWS and _cpu_blocks(packed):
             y = x2 @ _unpacked_t(packed, scales, self.group_size)  # [M, K] @ [K, N]
