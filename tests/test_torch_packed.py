@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 from apps.convert import convert  # noqa: E402
 from common.args import QuantizationArgs  # noqa: E402
 from common.quant import dequantize, quantize  # noqa: E402
+from torch_backend import cpu_kernels  # noqa: E402
 from torch_backend.qweight import QWeight, _probe, codes, fits, kernels_available, model_bytes  # noqa: E402
 
 DEMO = Path(__file__).parent.parent / "apps" / "demo_model"
@@ -52,22 +53,79 @@ def _entries(wq, s, b, bits: int):
     return q, torch.from_numpy(s), torch.from_numpy(b)
 
 
+LAYOUTS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not cpu_kernels.available(),
+                                                                    reason="the CPU kernels did not build"))]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_4bit_product_is_the_affine_weight(group: int) -> None:
+def test_4bit_product_is_the_affine_weight(group: int, layout: str) -> None:
     rng = np.random.default_rng(0)
     wq, s, b, w = _affine(rng, (96, 256), 4, group)
-    packed = QWeight.from_affine([_entries(wq, s, b, 4)], 4, group, stacked=False)
+    packed = QWeight.from_affine([_entries(wq, s, b, 4)], 4, group, stacked=False, layout=layout)
+    assert packed.layout == layout
     x = torch.from_numpy(rng.standard_normal((5, 256), dtype=np.float32)).bfloat16().float()
     ref = x @ torch.from_numpy(w).T  # float32 product of the dequantized weight
     err = (packed.mm(x) - ref).abs().max() / ref.abs().max()
-    assert err < 8e-3  # bfloat16 output rounding and the zero point in bfloat16
+    # torch: bfloat16 output rounding and the zero point in bfloat16; native: float32 throughout
+    assert err < (8e-3 if layout == "torch" else 1e-6)
     assert packed.packed.nbytes == 96 * 256 // 2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_products_are_mlx_affine_math(bits: int) -> None:
+    """The CPU kernels: float32, bfloat16 and float16 inputs, 1-8 rows, an output count off the kernel's
+    blocks of 4 rows, float32 / bfloat16 scales: MLX's affine product (float32 math) up to float32
+    summation order, then the input dtype's rounding; entries of a stack read in place."""
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels did not build")
+    rng = np.random.default_rng(7)
+    wq, s, b, w = _affine(rng, (2, 37, 192), bits, 64)  # N = 37: nine blocks of 4 and one row
+    for scale_dtype in (torch.bfloat16, torch.float32):
+        entries = [(q, sc.to(scale_dtype), bi.to(scale_dtype)) for q, sc, bi in
+                   (_entries(wq[i], s[i], b[i], bits) for i in range(2))]
+        stack = QWeight.from_affine(entries, bits, 64, stacked=True, layout="native")
+        assert stack.packed.shape == (2, 37, 192 * bits // 8) and stack.scales.dtype == scale_dtype
+        for rows in (1, 3, 8):
+            x = torch.from_numpy(rng.standard_normal((rows, 192), dtype=np.float32))
+            for e in range(2):
+                wf = entries[e][1].float().repeat_interleave(64, 1) * entries[e][0] \
+                    + entries[e][2].float().repeat_interleave(64, 1)  # [N, K]
+                ref = x.double() @ wf.double().T
+                got = stack.mm(x, e)
+                assert got.dtype == torch.float32
+                assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+                for dt in (torch.bfloat16, torch.float16):
+                    low = stack.mm(x.to(dt), e)
+                    ref_low = (x.to(dt).double() @ wf.double().T).to(dt)
+                    assert low.dtype == dt and torch.equal(low, ref_low) or \
+                        (low.float() - ref_low.float()).abs().max() <= 2**-7 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_gemv_is_the_float32_product(dtype: torch.dtype) -> None:
+    """bfloat16 / float16 weights through the CPU kernel: the float32 product of the same numbers, rounded
+    once to the dtype; strided rows (a fused storage's slice) and every row count up to MAX_ROWS."""
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels did not build")
+    gen = torch.Generator().manual_seed(3)
+    storage = torch.randn((45, 160), generator=gen).to(dtype)
+    w = storage[2:39, :144]  # [37, 144], rows 160 apart
+    for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+        x = torch.randn((rows, 144), generator=gen).to(dtype)
+        ref = x.double() @ w.double().T
+        got = cpu_kernels.reduced_gemv(x, w)
+        assert got.dtype == dtype and got.shape == (rows, 37)
+        # one rounding of a float32 sum: within half a step of the dtype, plus float32 summation order
+        step = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+        assert ((got.double() - ref).abs() <= step * ref.abs() + 1e-5 * ref.abs().max()).all()
+    assert cpu_kernels.reduced_fits(x, w) is not torch.is_grad_enabled()
 
 
 def test_8bit_requantization_error_is_half_a_step() -> None:
     rng = np.random.default_rng(1)
     wq, s, b, w = _affine(rng, (64, 256), 8, 64)
-    packed = QWeight.from_affine([_entries(wq, s, b, 8)], 8, 64, stacked=False)
+    packed = QWeight.from_affine([_entries(wq, s, b, 8)], 8, 64, stacked=False, layout="torch")
     back = packed.packed.float() * packed.scales.float()[:, None]  # [N, K]: the weight the kernel multiplies
     row_max = np.abs(w).max(axis=1, keepdims=True)
     # half a step of the row's scale, plus the scale's own bfloat16 rounding (2^-9 of it, 127 steps at most)
@@ -76,35 +134,37 @@ def test_8bit_requantization_error_is_half_a_step() -> None:
     np.testing.assert_allclose(packed.mm(x).float().numpy().T, back.bfloat16().float().numpy(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("bits", "group"), [(8, 64), (4, 32), (4, 64), (4, 128)])
-def test_prefill_gemm_equals_the_kernel(bits: int, group: int) -> None:
-    """From INT8_GEMM_ROWS / INT4_GEMM_ROWS rows on, products widen or unpack the codes into bfloat16 and
-    run the GEMM: the kernel's numbers up to bfloat16 rounding (of the output; 4 bits: also of the
-    unpacked weight, one step of 2^-8 of the largest weight)."""
+def test_prefill_gemm_equals_the_kernel(bits: int, group: int, layout: str) -> None:
+    """From INT8_GEMM_ROWS / INT4_GEMM_ROWS rows on (native: past cpu_kernels.MAX_ROWS), products widen
+    or unpack the codes into bfloat16 and run the GEMM: the kernel's numbers up to bfloat16 rounding (of
+    the output; 4 bits and native: also of the unpacked weight, one step of 2^-8 of the largest weight)."""
     from torch_backend.qweight import INT4_GEMM_ROWS, INT8_GEMM_ROWS, _cpu_layout_known
 
     assert _cpu_layout_known()  # this torch packs int4 as the unpacking expects
     rng = np.random.default_rng(4)
     wq, s, b, w = _affine(rng, (192, 256), bits, group)
-    packed = QWeight.from_affine([_entries(wq, s, b, bits)], bits, group, stacked=False)
-    m = (INT8_GEMM_ROWS if bits == 8 else INT4_GEMM_ROWS) + 8
+    packed = QWeight.from_affine([_entries(wq, s, b, bits)], bits, group, stacked=False, layout=layout)
+    m = (INT8_GEMM_ROWS if bits == 8 else INT4_GEMM_ROWS) + 8 if layout == "torch" else cpu_kernels.QUANT_MAX_ROWS + 8
     x = torch.from_numpy(rng.standard_normal((m, 256), dtype=np.float32)).bfloat16().float()
     rows = torch.cat([packed.mm(x[i : i + 1]) for i in range(m)])  # the kernel, one row at a time
     gemm = packed.mm(x)
     err = (gemm - rows).abs().max() / rows.abs().max()
-    assert 0 < err <= (2**-7 if bits == 8 else 2**-6)
+    assert 0 < err <= (2**-7 if bits == 8 and layout == "torch" else 2**-6)
     ref = x @ torch.from_numpy(w).T
     assert (gemm - ref).abs().max() / ref.abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_stacked_entries(bits: int) -> None:
+def test_stacked_entries(bits: int, layout: str) -> None:
     rng = np.random.default_rng(2)
     parts = [_affine(rng, (64, 128), bits, 64) for _ in range(3)]
-    stack = QWeight.from_affine((_entries(*p[:3], bits) for p in parts), bits, 64, stacked=True)
+    stack = QWeight.from_affine((_entries(*p[:3], bits) for p in parts), bits, 64, stacked=True, layout=layout)
     x = torch.from_numpy(rng.standard_normal((2, 128), dtype=np.float32)).bfloat16().float()
     for e, p in enumerate(parts):
-        alone = QWeight.from_affine([_entries(*p[:3], bits)], bits, 64, stacked=False)
+        alone = QWeight.from_affine([_entries(*p[:3], bits)], bits, 64, stacked=False, layout=layout)
         torch.testing.assert_close(stack.mm(x, e), alone.mm(x), rtol=0, atol=0)
         torch.testing.assert_close(stack.mm(x, torch.tensor([e])), alone.mm(x), rtol=0, atol=0)  # an id tensor
 
@@ -118,7 +178,8 @@ def test_probe_rejects_kernels_that_misread_the_codes(monkeypatch: pytest.Monkey
     assert not _probe.__wrapped__(torch.device("cpu"), 4, 64)
     assert not kernels_available(4, 64, "meta")
     assert fits(4, 72, 96, torch.device("cuda")) and not fits(4, 68, 96, torch.device("cuda"))
-    assert not fits(4, 72, 80, torch.device("cuda")) and fits(4, 68, 80, torch.device("cpu"))
+    assert not fits(4, 72, 80, torch.device("cuda")) and fits(4, 68, 96, torch.device("cpu"), 32)
+    assert not fits(4, 68, 80, torch.device("cpu"), 32)  # the CPU: whole groups
 
 
 @needs_cuda

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_backend import cpu_kernels
+
 SPLIT_MIN_BYTES = 1 << 18  # smaller products gain less than the extra call costs
 SPLIT_MIN_INPUTS = 128  # inputs per part, at least
 SPLIT_MAX_ROWS = 4  # float32 CPU products of up to this many rows are split over threads
@@ -194,11 +196,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     multi-core CPU are split along the inputs, one contiguous block of storage rows per thread, and
     the partial products added: on 2 cores MKL's own matrix-vector product streams a [1024, 3072]
     matrix at 21 GB/s, a [1536, 1024] one at 13; split, at 28 and 25.
-    bfloat16 / float16 (weight contiguous [O, I]): one or two rows run with oneDNN switched off,
-    which takes torch's native matrix-vector kernel (fp32 accumulation, as oneDNN's) at 2-3x the speed.
+    bfloat16 / float16 (weight contiguous [O, I]): up to `cpu_kernels.MAX_ROWS` rows run through the
+    project's own kernel (`torch_backend.cpu_kernels`); where it is not built, one or two rows run with
+    oneDNN switched off, which takes torch's native matrix-vector kernel (fp32 accumulation, as
+    oneDNN's) at 2-3x the speed.
     Larger inputs (prefill) run whole, with oneDNN.
     """
     rows = x.numel() // x.shape[-1]
+    if x.dtype in REDUCED and cpu_kernels.reduced_fits(x, weight):
+        return cpu_kernels.reduced_gemv(x, weight)
     if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or torch.compiler.is_compiling():
         return F.linear(x, weight)
     if x.dtype in REDUCED:

@@ -92,7 +92,7 @@ def keep_packed(model: nn.Module, weights: Mapping[str, torch.Tensor], args: Mod
             if spec is None or not kernels_available(spec.bits, spec.group_size, device):
                 continue
             rows = sum(shapes[n][-2] for n in members)  # N of the fused product
-            if not fits(spec.bits, rows, shapes[members[0]][-1], device):
+            if not fits(spec.bits, rows, shapes[members[0]][-1], device, spec.group_size):
                 continue
             stacked = len(shapes[members[0]]) == 3
             count = shapes[members[0]][0] if stacked else 1

@@ -1,5 +1,9 @@
-"""MLX-quantized weights kept quantized in torch, for its packed-integer kernels (CPU and CUDA).
+"""MLX-quantized weights kept quantized in torch, for packed-integer kernels (CPU and CUDA).
 
+On the CPU, where the project's own kernels are built (`torch_backend.cpu_kernels`, layout "native"),
+the weights keep MLX's codes with their per-group scales and biases (in the folder's dtype) and
+decode products compute MLX's affine form exactly in float32; products of more rows (prefill)
+dequantize the weight into bfloat16 and run the GEMM. Elsewhere (layout "torch"), torch's kernels:
 - 4 bits: `torch._weight_int4pack_mm_for_cpu` (CPU) and `torch._weight_int4pack_mm` (CUDA) take int4
   codes with a scale and a zero per group of inputs, w = (q - 8) * scale + zero; MLX's affine
   w = q * scale + bias is that form exactly with zero = bias + 8 * scale (the codes are the same).
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from common.quant import unpack
+from torch_backend import cpu_kernels
 
 KERNEL_DTYPE = torch.bfloat16
 # From this many rows on (prefills), 8-bit products on the CPU widen the codes and run the bfloat16
@@ -50,15 +55,25 @@ def kernels_available(bits: int, group_size: int, device: torch.device | str = "
         return _probe(device, bits, group_size)
     if device.type != "cpu":
         return False
+    if cpu_kernels.available() and bits in (4, 8) and group_size % cpu_kernels.QUANT_BLOCK == 0:
+        return True
     if bits == 8:
         return hasattr(torch, "_weight_int8pack_mm")
     return (bits == 4 and group_size in INT4_GROUPS and hasattr(torch, "_weight_int4pack_mm_for_cpu")
             and hasattr(torch, "_convert_weight_to_int4pack_for_cpu"))
 
 
-def fits(bits: int, n: int, k: int, device: torch.device) -> bool:
-    """Whether an [N, K] weight fits the kernel's tiles on `device` (CUDA int4: 8 outputs by 32 inputs)."""
-    return not (device.type == "cuda" and bits == 4) or (n % 8 == 0 and k % 32 == 0)
+def fits(bits: int, n: int, k: int, device: torch.device, group_size: int = 32) -> bool:
+    """Whether an [N, K] weight fits the kernel's tiles on `device` (CUDA int4: 8 outputs by 32 inputs;
+    the CPU: whole groups, for either layout)."""
+    if device.type == "cpu":
+        return k % group_size == 0
+    return bits != 4 or (n % 8 == 0 and k % 32 == 0)
+
+
+def native(bits: int, group_size: int, k: int, device: torch.device) -> bool:
+    """Whether weights of this spec over `k` inputs on `device` take the project's CPU kernels."""
+    return device.type == "cpu" and cpu_kernels.available() and cpu_kernels.quant_fits(bits, group_size, k)
 
 
 @functools.cache
@@ -76,7 +91,7 @@ def _probe(device: torch.device, bits: int, group_size: int) -> bool:
     x = torch.randn((3, k), generator=gen).to(KERNEL_DTYPE).float()
     want = x @ w.T
     try:
-        got = QWeight.from_affine([(q, s, b)], bits, group_size, False, device).mm(x.to(device)).float().cpu()
+        got = QWeight.from_affine([(q, s, b)], bits, group_size, False, device, "torch").mm(x.to(device)).float().cpu()
     except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError):
         return False
     return bool(((got - want).abs().max() <= 0.03 * want.abs().max()).item())
@@ -113,18 +128,30 @@ class QWeight:
 
     bits: int
     group_size: int
-    packed: torch.Tensor  # 4 bits: [(E,) N, K/2] uint8 in the kernel's layout; 8 bits: [(E,) N, K] int8
-    scales: torch.Tensor  # 4 bits: [(E,) K/G, N, 2] (scale, zero); 8 bits: [(E,) N]; bfloat16
+    # native: [(E,) N, K * bits / 8] uint8 (`cpu_kernels.pack`); torch 4 bits: [(E,) N, K/2] uint8 in the
+    # kernel's layout; torch 8 bits: [(E,) N, K] int8
+    packed: torch.Tensor
+    # native: [(E,) N, K/G, 2] (scale, bias) in the folder's dtype; torch 4 bits: [(E,) K/G, N, 2]
+    # (scale, zero); torch 8 bits: [(E,) N]; bfloat16
+    scales: torch.Tensor
+    layout: str = "torch"  # or "native"
 
     @classmethod
     def from_affine(cls, entries: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bits: int,
-                    group_size: int, stacked: bool, device: torch.device | str = "cpu") -> QWeight:
+                    group_size: int, stacked: bool, device: torch.device | str = "cpu",
+                    layout: str | None = None) -> QWeight:
         """From (integer codes q [N, K], MLX's per-group scales and biases [N, K/G], on the CPU) of one
         weight, or of each entry of a stack (`stacked`), packed for `device` one entry at a time so the
-        temporaries stay one entry big."""
+        temporaries stay one entry big. `layout`: "native" or "torch"; by default native where it fits."""
         device = torch.device(device)
         packed, params = [], []
         for q, s, b in entries:
+            if layout is None:
+                layout = "native" if native(bits, group_size, q.shape[1], device) else "torch"
+            if layout == "native":
+                packed.append(cpu_kernels.pack(q, bits))
+                params.append(torch.stack([s, b], dim=-1))  # [N, K/G, 2]
+                continue
             s, b = s.float(), b.float()
             if bits == 4:
                 packed.append(_pack_int4(q, device))
@@ -135,8 +162,8 @@ class QWeight:
                 packed.append(torch.round(w / row[:, None]).clamp(-127, 127).to(device, torch.int8))
                 params.append(row.to(device, KERNEL_DTYPE))
         if not stacked:
-            return cls(bits, group_size, packed[0], params[0])
-        return cls(bits, group_size, torch.stack(packed), torch.stack(params))
+            return cls(bits, group_size, packed[0], params[0], layout or "torch")
+        return cls(bits, group_size, torch.stack(packed), torch.stack(params), layout or "torch")
 
     @property
     def nbytes(self) -> int:
@@ -146,6 +173,13 @@ class QWeight:
         """x [..., K] @ w.T -> [..., N] (entry `e` of a stack: an int, or a one-element id tensor on the
         device, whose entry is copied out without a host read), in x's dtype."""
         packed, scales = entry(self.packed, e), entry(self.scales, e)
+        if self.layout == "native":
+            if x.numel() // x.shape[-1] <= cpu_kernels.QUANT_MAX_ROWS:
+                return cpu_kernels.quant_gemv(x, packed, scales, self.bits, self.group_size)
+            # prefill: MLX's float32 weight [N, K] and the float32 GEMM (a bfloat16 weight would round it:
+            # on the 8-bit demo model that alone moved greedy tokens off MLX's)
+            w = cpu_kernels.dequantize(packed, scales, self.bits, self.group_size)
+            return F.linear(x.float(), w).to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # [..., K] -> [M, K]
         if self.bits == 4 and packed.device.type == "cpu" and x2.shape[0] >= INT4_GEMM_ROWS and _cpu_blocks(packed):
             y = x2 @ _unpacked_t(packed, scales, self.group_size)  # [M, K] @ [K, N]
