@@ -136,8 +136,9 @@ def _register_fakes() -> None:
 
 def reduced_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `reduced_gemv` takes x [..., K] and w [N, K] (a few rows, CPU, bfloat16 / float16)."""
-    return (x.device.type == "cpu" and w.dim() == 2 and w.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() // x.shape[-1] <= MAX_ROWS and w.shape[1] % LANES == 0 and w.stride(1) == 1
+    return (x.device.type == "cpu" and w.dim() == 2 and w.dtype == x.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and x.numel() // x.shape[-1] <= MAX_ROWS
+            and w.shape[1] % LANES == 0 and w.stride(1) == 1
             and not torch.is_grad_enabled() and available())
 
 
