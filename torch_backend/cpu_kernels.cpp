@@ -34,10 +34,14 @@ namespace {
 constexpr int L = 16;  // lanes of one accumulator
 constexpr int RB = 4;  // output rows per block
 constexpr int MB = 4;  // rows of x per pass over a block
-// Rows ahead that a block prefetches: a thread streams its rows four at a time, each only K inputs
-// long, too short a run for the hardware prefetcher (bfloat16 on a 2-core x86 CPU: 14.8 GB/s without,
-// 20.7 with 4 rows ahead, 20.2 with 8, 17.2 with 2).
-constexpr int AHEAD = 4;
+constexpr int QMB = 2;  // the same for quantized weights (whose blocks keep more accumulators)
+// Bytes ahead that a block prefetches (as whole rows): a thread streams its rows four at a time, each
+// only one row long, too short a run for the hardware prefetcher (bfloat16 [*, 512] weights on a
+// 2-core x86 CPU: 14.8 GB/s without, 20.7 with 4 KB ahead, 20.2 with 8 KB, 17.2 with 2 KB).
+constexpr int64_t AHEAD_BYTES = 4096;
+inline int64_t rows_ahead(int64_t row_bytes) {
+  return std::max<int64_t>(RB, (AHEAD_BYTES + row_bytes - 1) / row_bytes);
+}
 
 inline float widen(float v) { return v; }
 inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
@@ -118,7 +122,9 @@ inline float lane_sum(const float* a) {
 
 // Float weights: rows [n0, n0 + R) of y for rows [m0, m0 + Mb) of x.
 template <int R, int Mb, typename Rows>
-void float_block(const Rows& w, const float* x, int64_t K, int64_t n0, int64_t m0, float* y, int64_t N) {
+void float_block(const Rows& w, const float* x, int64_t K, int64_t n_begin, int64_t n_end, int64_t m0, float* y,
+                 int64_t N, int64_t ahead) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
 #ifdef LLAMA4_AVX512
   __m512 acc[R][Mb];
   for (int r = 0; r < R; ++r)
@@ -127,7 +133,7 @@ void float_block(const Rows& w, const float* x, int64_t K, int64_t n0, int64_t m
     __m512 xv[Mb];
     for (int m = 0; m < Mb; ++m) xv[m] = _mm512_loadu_ps(x + (m0 + m) * K + k);
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(static_cast<const char*>(w.at(n0 + r + AHEAD, k)), _MM_HINT_T0);
+      _mm_prefetch(static_cast<const char*>(w.at(n0 + r + ahead, k)), _MM_HINT_T0);
       __m512 wv;
       decode_v(w, n0 + r, k, &wv);
       for (int m = 0; m < Mb; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
@@ -150,14 +156,111 @@ void float_block(const Rows& w, const float* x, int64_t K, int64_t n0, int64_t m
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < Mb; ++m) y[(m0 + m) * N + n0 + r] = lane_sum(acc[r][m]);
 #endif
+  }
 }
+
+#if defined(__AVX512BF16__)
+// bfloat16 weights and bfloat16 inputs: VDPBF16PS multiplies pairs exactly and adds them into float32,
+// 32 weights an instruction (the float32 route decodes and multiplies 16 at a time, in three).
+template <int R, int Mb>
+void bf16_dot_block(const uint16_t* w, int64_t ldw, const uint16_t* x, int64_t ldx, int64_t K, int64_t n_begin,
+                    int64_t n_end, int64_t m0, float* y, int64_t N, int64_t ahead) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
+  __m512 acc[R][Mb];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < Mb; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2 * L) {
+    __m512bh xv[Mb];
+    for (int m = 0; m < Mb; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + (m0 + m) * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r + ahead) * ldw + k), _MM_HINT_T0);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n0 + r) * ldw + k);
+      for (int m = 0; m < Mb; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < Mb; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+  }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// 4 bits with bfloat16 inputs: 64 codes (two 32-input blocks) widened to 16-bit lanes, each nibble
+// looked up as its exact bfloat16 value (VPERMW on a 16-entry table), two VDPBF16PS against the inputs
+// `xp` [M, K] reordered to match (per 64 inputs: 0-15, 32-47 | 16-31, 48-63; `permute_q4`).
+template <int R, int Mb, typename S>
+void q4_dot_block(const Q4Rows& w, const S* sb, const uint16_t* xp, const float* xs, int64_t K, int64_t G,
+                  int64_t n_begin, int64_t n_end, int64_t m0, float* y, int64_t N, int64_t ahead) {
+  const int64_t groups = K / G;
+  alignas(64) uint16_t table[32] = {};
+  for (int i = 0; i < 16; ++i) table[i] = c10::BFloat16(static_cast<float>(i)).x;
+  const __m512i lut = _mm512_load_si512(table);
+  const __m512i low = _mm512_set1_epi16(15);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
+  __m512 total[R][Mb];
+  float bias[R][Mb] = {};
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < Mb; ++m) total[r][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[R][Mb][2];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < Mb; ++m) part[r][m][0] = part[r][m][1] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 4 * L) {
+      __m512bh xlo[Mb], xhi[Mb];
+      for (int m = 0; m < Mb; ++m) {
+        xlo[m] = (__m512bh)_mm512_loadu_si512(xp + (m0 + m) * K + k);
+        xhi[m] = (__m512bh)_mm512_loadu_si512(xp + (m0 + m) * K + k + 2 * L);
+      }
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* c = static_cast<const uint8_t*>(w.at(n0 + r, k));
+        _mm_prefetch(static_cast<const char*>(w.at(n0 + r + ahead, k)), _MM_HINT_T0);
+        const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
+        const __m512bh wlo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(words, low), lut);
+        const __m512bh whi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), lut);
+        for (int m = 0; m < Mb; ++m) {
+          part[r][m][0] = _mm512_dpbf16_ps(part[r][m][0], wlo, xlo[m]);
+          part[r][m][1] = _mm512_dpbf16_ps(part[r][m][1], whi, xhi[m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const S* p = sb + ((n0 + r) * groups + g) * 2;
+      const __m512 s = _mm512_set1_ps(widen(p[0]));
+      const float b = widen(p[1]);
+      for (int m = 0; m < Mb; ++m) {
+        total[r][m] = _mm512_fmadd_ps(s, _mm512_add_ps(part[r][m][0], part[r][m][1]), total[r][m]);
+        bias[r][m] += b * xs[(m0 + m) * groups + g];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < Mb; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(total[r][m]) + bias[r][m];
+  }
+}
+
+// bfloat16 inputs [M, K] (rows `ldx` apart) in q4_dot_block's order: per 64 inputs 0-15, 32-47, 16-31, 48-63.
+std::vector<uint16_t> permute_q4(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
+  std::vector<uint16_t> out(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 4 * L) {
+      const uint16_t* src = x + m * ldx + k;
+      uint16_t* dst = out.data() + m * K + k;
+      std::memcpy(dst, src, L * 2);
+      std::memcpy(dst + L, src + 2 * L, L * 2);
+      std::memcpy(dst + 2 * L, src + L, L * 2);
+      std::memcpy(dst + 3 * L, src + 3 * L, L * 2);
+    }
+  return out;
+}
+#endif
 
 // Quantized weights: per group the partial sum of q * x, scaled into the row's total; the biases meet
 // the inputs' group sums `xs` [M, K/G].
 template <int R, int Mb, int Step, typename Rows, typename S>
 void quant_block(const Rows& w, const S* sb, const float* x, const float* xs, int64_t K, int64_t G,
-                 int64_t n0, int64_t m0, float* y, int64_t N) {
+                 int64_t n_begin, int64_t n_end, int64_t m0, float* y, int64_t N, int64_t ahead) {
   const int64_t groups = K / G;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
 #ifdef LLAMA4_AVX512
   constexpr int V = Step / L;  // vectors per decode
   __m512 total[R][Mb];
@@ -165,22 +268,31 @@ void quant_block(const Rows& w, const S* sb, const float* x, const float* xs, in
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < Mb; ++m) total[r][m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    for (int r = 0; r < R; ++r) {
-      __m512 part[Mb];
-      for (int m = 0; m < Mb; ++m) part[m] = _mm512_setzero_ps();
-      for (int64_t k = g * G; k < (g + 1) * G; k += Step) {
-        _mm_prefetch(static_cast<const char*>(w.at(n0 + r + AHEAD, k)), _MM_HINT_T0);
+    // one accumulator per row, x row and decoded vector: R * Mb * V independent chains per step
+    __m512 part[R][Mb][V];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < Mb; ++m)
+        for (int v = 0; v < V; ++v) part[r][m][v] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += Step) {
+      __m512 xv[Mb][V];
+      for (int m = 0; m < Mb; ++m)
+        for (int v = 0; v < V; ++v) xv[m][v] = _mm512_loadu_ps(x + (m0 + m) * K + k + v * L);
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(static_cast<const char*>(w.at(n0 + r + ahead, k)), _MM_HINT_T0);
         __m512 wv[V];
         decode_v(w, n0 + r, k, wv);
         for (int m = 0; m < Mb; ++m)
-          for (int v = 0; v < V; ++v)
-            part[m] = _mm512_fmadd_ps(wv[v], _mm512_loadu_ps(x + (m0 + m) * K + k + v * L), part[m]);
+          for (int v = 0; v < V; ++v) part[r][m][v] = _mm512_fmadd_ps(wv[v], xv[m][v], part[r][m][v]);
       }
+    }
+    for (int r = 0; r < R; ++r) {
       const S* p = sb + ((n0 + r) * groups + g) * 2;
       const __m512 s = _mm512_set1_ps(widen(p[0]));
       const float b = widen(p[1]);
       for (int m = 0; m < Mb; ++m) {
-        total[r][m] = _mm512_fmadd_ps(s, part[m], total[r][m]);
+        __m512 sum = part[r][m][0];
+        for (int v = 1; v < V; ++v) sum = _mm512_add_ps(sum, part[r][m][v]);
+        total[r][m] = _mm512_fmadd_ps(s, sum, total[r][m]);
         bias[r][m] += b * xs[(m0 + m) * groups + g];
       }
     }
@@ -212,24 +324,25 @@ void quant_block(const Rows& w, const S* sb, const float* x, const float* xs, in
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < Mb; ++m) y[(m0 + m) * N + n0 + r] = lane_sum(total[r][m]) + bias[r][m];
 #endif
+  }
 }
 
-// Runs `block<R, Mb>(n0, m0)` over all output rows (split over threads) and all rows of x.
-template <typename Block>
+// Runs `block(R, Mb, n_begin, n_end, m0)` over all output rows (split over threads, in tiles of about
+// 64 KB of weights that stay in cache while every chunk of x's rows passes over them) and all rows of x.
+// Rows in a call: a multiple of R (RB, and 1 for the rows past the last whole block).
+template <int Chunk = MB, typename Block>
 void over_rows(int64_t M, int64_t N, int64_t bytes_per_row, const Block& block) {
   const int64_t blocks = (N + RB - 1) / RB;
-  // about 64 KB of weights per task at least: smaller products run on one thread
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, bytes_per_row * RB));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * RB;
-      for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int64_t mb = std::min<int64_t>(MB, M - m0);
-        if (n0 + RB <= N) {
-          block(RB, mb, n0, m0);
-        } else {  // the last, partial block: row by row
-          for (int64_t n = n0; n < N; ++n) block(1, mb, n, m0);
-        }
+  const int64_t tile = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, bytes_per_row * RB));  // blocks
+  // a tile per task at least: smaller products run on one thread
+  at::parallel_for(0, blocks, tile, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b += tile) {
+      const int64_t n0 = b * RB, n1 = std::min(N, std::min(end, b + tile) * RB);
+      const int64_t whole = n0 + (n1 - n0) / RB * RB;
+      for (int64_t m0 = 0; m0 < M; m0 += Chunk) {
+        const int64_t mb = std::min<int64_t>(Chunk, M - m0);
+        if (whole > n0) block(RB, mb, n0, whole, m0);
+        if (n1 > whole) block(1, mb, whole, n1, m0);
       }
     }
   });
@@ -303,13 +416,29 @@ at::Tensor reduced_gemv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "cpu_kernels: w must be [N, K] with contiguous rows");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   TORCH_CHECK(K % L == 0, "cpu_kernels: K must be a multiple of ", L, ", got ", K);
-  const std::vector<float> xf = float_x(x, K);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "cpu_kernels: x must be [M, ", K,
+              "] with contiguous rows, got ", x.sizes());
   std::vector<float> y(M * N);
-  const float* xp = xf.data();
   float* yp = y.data();
+  const int64_t ahead = rows_ahead(w.stride(0) * 2);
+#if defined(__AVX512BF16__)
+  if (w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && K % (2 * L) == 0) {
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    const int64_t ldw = w.stride(0), ldx = x.stride(0);
+    over_rows(M, N, K * 2, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+#define LLAMA4_DOT(R, Mb) bf16_dot_block<R, Mb>(wp, ldw, xp, ldx, K, n_begin, n_end, m0, yp, N, ahead)
+      LLAMA4_ROWS(r, mb, LLAMA4_DOT);
+#undef LLAMA4_DOT
+    });
+    return finish(y, x, N);
+  }
+#endif
+  const std::vector<float> xf = float_x(x, K);
+  const float* xp = xf.data();
   auto run = [&](const auto& rows) {
-    over_rows(M, N, K * 2, [&](int r, int64_t mb, int64_t n0, int64_t m0) {
-#define LLAMA4_FLOAT(R, Mb) float_block<R, Mb>(rows, xp, K, n0, m0, yp, N)
+    over_rows(M, N, K * 2, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+#define LLAMA4_FLOAT(R, Mb) float_block<R, Mb>(rows, xp, K, n_begin, n_end, m0, yp, N, ahead)
       LLAMA4_ROWS(r, mb, LLAMA4_FLOAT);
 #undef LLAMA4_FLOAT
     });
@@ -335,23 +464,39 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
               "cpu_kernels: scales|biases must be contiguous [", N, ", ", K / G, ", 2], got ", sb.sizes());
   const std::vector<float> xf = float_x(x, K);
   std::vector<float> xs(M * (K / G), 0.f);  // the inputs' group sums [M, K/G]
-  for (int64_t i = 0; i < M * K; ++i) xs[i / G] += xf[i];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K / G; ++g)
+      for (int64_t k = 0; k < G; ++k) xs[m * (K / G) + g] += xf[m * K + g * G + k];
   std::vector<float> y(M * N);
   const float *xp = xf.data(), *xsp = xs.data();
   float* yp = y.data();
+  const int64_t ahead = rows_ahead(codes.stride(0));
   auto run = [&](const auto* s) {
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
     if (bits == 8) {
       const Q8Rows rows{codes.data_ptr<uint8_t>(), codes.stride(0)};
-      over_rows(M, N, K, [&](int r, int64_t mb, int64_t n0, int64_t m0) {
-#define LLAMA4_Q8(R, Mb) quant_block<R, Mb, L, Q8Rows, S>(rows, s, xp, xsp, K, G, n0, m0, yp, N)
+      over_rows<QMB>(M, N, K, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+#define LLAMA4_Q8(R, Mb) quant_block<R, Mb, L, Q8Rows, S>(rows, s, xp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
         LLAMA4_ROWS(r, mb, LLAMA4_Q8);
 #undef LLAMA4_Q8
       });
     } else {
       const Q4Rows rows{codes.data_ptr<uint8_t>(), codes.stride(0)};
-      over_rows(M, N, K / 2, [&](int r, int64_t mb, int64_t n0, int64_t m0) {
-#define LLAMA4_Q4(R, Mb) quant_block<R, Mb, 2 * L, Q4Rows, S>(rows, s, xp, xsp, K, G, n0, m0, yp, N)
+#if defined(__AVX512BF16__)
+      if (x.scalar_type() == at::kBFloat16 && G % (4 * L) == 0) {  // exact: bfloat16 products are
+        const std::vector<uint16_t> xq =
+            permute_q4(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, K);
+        const uint16_t* xqp = xq.data();
+        over_rows<QMB>(M, N, K / 2, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+#define LLAMA4_Q4DOT(R, Mb) q4_dot_block<R, Mb, S>(rows, s, xqp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
+          LLAMA4_ROWS(r, mb, LLAMA4_Q4DOT);
+#undef LLAMA4_Q4DOT
+        });
+        return;
+      }
+#endif
+      over_rows<QMB>(M, N, K / 2, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+#define LLAMA4_Q4(R, Mb) quant_block<R, Mb, 2 * L, Q4Rows, S>(rows, s, xp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
         LLAMA4_ROWS(r, mb, LLAMA4_Q4);
 #undef LLAMA4_Q4
       });
