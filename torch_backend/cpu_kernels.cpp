@@ -108,9 +108,13 @@ inline void decode_v(const Q8Rows& w, int64_t n, int64_t k, __m512* out) {
 }
 inline void decode_v(const Q4Rows& w, int64_t n, int64_t k, __m512* out) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + n * w.ldq + k / 2));
+  // Each nibble's float value from a table: VPERMPS reads only the low 4 bits of an index, so the low
+  // nibble needs no mask, and the lookup replaces the integer conversion (small model's 4-bit products
+  // replayed on a 2-core x86 CPU: 1.07-1.23 ms a step against 1.24-1.45 converting).
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i v = _mm512_cvtepu8_epi32(b);
-  out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-  out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  out[0] = _mm512_permutexvar_ps(v, table);
+  out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
 }
 #endif
 
