@@ -20,7 +20,11 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <optional>
 #include <cstring>
 #include <vector>
 
@@ -115,6 +119,39 @@ inline void decode_v(const Q4Rows& w, int64_t n, int64_t k, __m512* out) {
   const __m512i v = _mm512_cvtepu8_epi32(b);
   out[0] = _mm512_permutexvar_ps(v, table);
   out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
+#endif
+
+#ifdef LLAMA4_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// e^x for 16 floats: x = n ln2 + r (ln2 in two parts, |r| <= ln2 / 2), e^r by its degree-7 Taylor
+// polynomial (error below 2^-24 relative on that range), scaled by 2^n (VSCALEFPS: 0 for -inf, inf
+// past the range). Within 2 ulp of expf.
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  // -inf - (-inf) style NaNs pass through; x = -inf gives n = -inf and scalef(., -inf) = 0
+  const __m512 out = _mm512_scalef_ps(p, n);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), out,
+                              _mm512_setzero_ps());
 }
 #endif
 
@@ -549,11 +586,141 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& sb, int64_t bit
   return out;
 }
 
+// One query per sequence against its cached keys, as `torch_backend.attention.decode_attention`
+// computes it (float32: scores of q * scale, softmax, probabilities times values): q [B, H, d], k and v
+// [B, KV, S, d] (unit stride along d), `mask` [B, S] (true: may attend) or undefined (all may) ->
+// [B, H * d] in q's dtype. Query heads h read kv head h / (H / KV). One task per (sequence, kv head).
+template <typename T>
+void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask, int64_t mask_ld,
+                 double scale, float* out) {
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), KV = k.size(1), S = k.size(2), G = H / KV;
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2),
+                vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qs(G * d), scores(G * S), acc(G * d), row(d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KV, kv = task % KV;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < d; ++i)
+          qs[g * d + i] = widen(qp[b * qs0 + (kv * G + g) * qs1 + i]) * static_cast<float>(scale);
+      const T* kb = kp + b * ks0 + kv * ks1;
+      const T* vb = vp + b * vs0 + kv * vs1;
+#ifdef LLAMA4_AVX512
+      if (d % L == 0 && d <= 8 * L) {  // vectors: a key or value row in at most 8 registers
+        const int64_t nv = d / L;
+        for (int64_t j = 0; j < S; ++j) {
+          __m512 kr[8];
+          for (int64_t i = 0; i < nv; ++i) kr[i] = load16(kb + j * ks2 + i * L);
+          const bool visible = mask == nullptr || mask[b * mask_ld + j];
+          for (int64_t g = 0; g < G; ++g) {
+            __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qs.data() + g * d), kr[0]);
+            for (int64_t i = 1; i < nv; ++i) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qs.data() + g * d + i * L), kr[i], dot);
+            scores[g * S + j] = visible ? _mm512_reduce_add_ps(dot) : -std::numeric_limits<float>::infinity();
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          float* sc = scores.data() + g * S;
+          const float top = *std::max_element(sc, sc + S);
+          // Key j always adds into lane j % 16 (the last, partial vector masked), so keys hidden by the
+          // mask add exact zeros: a masked row over a longer cache sums exactly as the visible keys alone.
+          __m512 total = _mm512_setzero_ps();
+          for (int64_t j = 0; j < S; j += L) {
+            const __mmask16 live = S - j >= L ? __mmask16(0xFFFF) : __mmask16((1u << (S - j)) - 1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sc + j), _mm512_set1_ps(top)));
+            _mm512_mask_storeu_ps(sc + j, live, e);
+            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
+          }
+          const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(total));
+          for (int64_t j = 0; j < S; j += L) {
+            const __mmask16 live = S - j >= L ? __mmask16(0xFFFF) : __mmask16((1u << (S - j)) - 1);
+            _mm512_mask_storeu_ps(sc + j, live, _mm512_div_ps(_mm512_maskz_loadu_ps(live, sc + j), sum));
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {  // a head's output in registers; the value rows stay in cache
+          __m512 a[8];
+          for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_setzero_ps();
+          const float* sc = scores.data() + g * S;
+          for (int64_t j = 0; j < S; ++j) {
+            const __m512 pj = _mm512_set1_ps(sc[j]);
+            for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_fmadd_ps(pj, load16(vb + j * vs2 + i * L), a[i]);
+          }
+          for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(out + (b * H + kv * G + g) * d + i * L, a[i]);
+        }
+        continue;
+      }
+#endif
+      for (int64_t j = 0; j < S; ++j) {
+        const bool visible = mask == nullptr || mask[b * mask_ld + j];
+        for (int64_t i = 0; i < d; ++i) row[i] = widen(kb[j * ks2 + i]);
+        for (int64_t g = 0; g < G; ++g) {
+          float lanes[L] = {};
+          int64_t i = 0;
+          for (; i + L <= d; i += L)
+            for (int l = 0; l < L; ++l) lanes[l] += qs[g * d + i + l] * row[i + l];
+          float dot = lane_sum(lanes);
+          for (; i < d; ++i) dot += qs[g * d + i] * row[i];
+          scores[g * S + j] = visible ? dot : -std::numeric_limits<float>::infinity();
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g) {  // softmax over the keys
+        float* sc = scores.data() + g * S;
+        const float top = *std::max_element(sc, sc + S);
+        float total = 0.f;
+        for (int64_t j = 0; j < S; ++j) total += (sc[j] = std::exp(sc[j] - top));
+        for (int64_t j = 0; j < S; ++j) sc[j] /= total;
+      }
+      for (int64_t j = 0; j < S; ++j) {
+        for (int64_t i = 0; i < d; ++i) row[i] = widen(vb[j * vs2 + i]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * S + j];
+          for (int64_t i = 0; i < d; ++i) acc[g * d + i] += p * row[i];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        std::memcpy(out + (b * H + kv * G + g) * d, acc.data() + g * d, d * 4);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0) &&
+                  k.size(3) == q.size(2) && q.size(1) % k.size(1) == 0,
+              "cpu_kernels: decode_attention takes q [B, H, d] and k, v [B, KV, S, d], got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && q.scalar_type() == k.scalar_type() &&
+                  q.scalar_type() == v.scalar_type(),
+              "cpu_kernels: decode_attention needs one dtype and unit stride along d");
+  const bool* m = nullptr;
+  int64_t mask_ld = 0;
+  at::Tensor mask_c;
+  if (mask.has_value() && mask->defined()) {
+    mask_c = mask->to(at::kBool).contiguous();
+    TORCH_CHECK(mask_c.dim() == 2 && mask_c.size(0) == q.size(0) && mask_c.size(1) == k.size(2),
+                "cpu_kernels: mask must be [B, S], got ", mask_c.sizes());
+    m = mask_c.data_ptr<bool>();
+    mask_ld = mask_c.size(1);
+  }
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(2);
+  std::vector<float> out(B * H * d);
+  switch (q.scalar_type()) {
+    case at::kFloat: attend_rows<float>(q, k, v, m, mask_ld, scale, out.data()); break;
+    case at::kBFloat16: attend_rows<c10::BFloat16>(q, k, v, m, mask_ld, scale, out.data()); break;
+    case at::kHalf: attend_rows<c10::Half>(q, k, v, m, mask_ld, scale, out.data()); break;
+    default: TORCH_CHECK(false, "cpu_kernels: decode_attention takes float32, bfloat16 or float16, got ", q.scalar_type());
+  }
+  const at::Tensor x = q.reshape({B, H * d});  // the dtype `finish` converts to
+  return finish(out, x, H * d);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama4_cpu, m) {
   m.def("reduced_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("quant_gemv(Tensor x, Tensor codes, Tensor sb, int bits, int group_size) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("dequantize(Tensor codes, Tensor sb, int bits, int group_size) -> Tensor");
 }
 
@@ -561,4 +728,5 @@ TORCH_LIBRARY_IMPL(llama4_cpu, CPU, m) {
   m.impl("reduced_gemv", &reduced_gemv);
   m.impl("quant_gemv", &quant_gemv);
   m.impl("dequantize", &dequantize);
+  m.impl("decode_attention", &decode_attention);
 }

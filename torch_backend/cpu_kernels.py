@@ -129,6 +129,10 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], codes.shape[0]))
 
+    @torch.library.register_fake("llama4_cpu::decode_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
+
     @torch.library.register_fake("llama4_cpu::dequantize")
     def _(codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
         return codes.new_empty((codes.shape[0], codes.shape[1] * 8 // bits), dtype=torch.float32)
@@ -148,6 +152,21 @@ def reduced_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return torch.ops.llama4_cpu.reduced_gemv(x2, w).view(*x.shape[:-1], -1)  # [M, N] -> [..., N]
+
+
+def attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes one query per sequence q [B, 1, H, d] over k [B, KV, S, d] (CPU)."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and k.stride(-1) == 1 and not torch.is_grad_enabled() and available())
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of q [B, 1, H, d] over k, v [B, KV, S, d] (`mask` [B, S], True: may attend) in
+    float32 -> [B, 1, H*d] in q's dtype; query head h reads kv head h // (H / KV)."""
+    B, _, H, d = q.shape
+    out = torch.ops.llama4_cpu.decode_attention(q.reshape(B, H, d), k, v, mask, scale)  # [B, H*d]
+    return out.view(B, 1, H * d)
 
 
 def quant_fits(bits: int, group_size: int, k: int) -> bool:
