@@ -83,16 +83,35 @@ def test_extreme_scores_stay_finite() -> None:
     torch.testing.assert_close(got, torch.full((1, 1, 16), 19.0), rtol=0, atol=0)
 
 
-def test_switched_off_decodes_with_torch_kernels() -> None:
-    """LLAMA4_CPU_KERNELS=0: nothing is built or loaded, and the torch backend still generates (through
-    torch's own products and attention)."""
+def test_switched_off_decodes_the_same_tokens_with_torch_kernels() -> None:
+    """LLAMA4_CPU_KERNELS=0: nothing is built or loaded, and the torch backend generates through torch's
+    own products and attention; the bfloat16 demo model's greedy text is the kernels' text."""
+    from torch_backend import generate, load
+
+    prompt, n = "def fibonacci(n):", 24
     code = ("import torch; from torch_backend import cpu_kernels, load, generate;"
             "assert not cpu_kernels.available();"
             "m, t = load('apps/demo_model', device='cpu', dtype='bfloat16');"
-            "print(generate(m, t, 'def add(a, b):', max_tokens=8));"
+            f"print(repr(generate(m, t, {prompt!r}, max_tokens={n})));"
             "assert not hasattr(torch.ops.llama4_cpu, 'reduced_gemv')")
     env = {**os.environ, "LLAMA4_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert len(out.stdout.strip()) > 3
+    model, tok = load(ROOT / "apps" / "demo_model", device="cpu", dtype="bfloat16")
+    assert out.stdout.strip() == repr(generate(model, tok, prompt, max_tokens=n))
+    assert cpu_kernels.available() is (os.environ.get("LLAMA4_CPU_KERNELS", "1") != "0")
+
+
+def test_compiled_attention_fallback_is_the_reference_math() -> None:
+    """Where the kernels are missing, the compiled CPU step writes decode attention as broadcast sums
+    (`_decode_attention_loops`); run eagerly here: the float32 math within 2e-6, masked or not."""
+    from torch_backend.attention import _decode_attention_loops
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(s, generator=gen) for s in ((2, 1, 8, 64), (2, 2, 30, 64), (2, 2, 30, 64)))
+    mask = torch.rand((2, 30), generator=gen) > 0.5
+    mask[:, 0] = True
+    for m in (None, mask):
+        got = _decode_attention_loops(q, k, v, 0.125, m)
+        assert (got.double() - _reference(q, k, v, 0.125, m)).abs().max() <= 2e-6

@@ -1,16 +1,20 @@
 """4-bit and 8-bit folders kept packed in the torch backend (`torch_backend.qweight`, `keep_packed`).
 
-Tolerances, measured (torch 2.13, x86 CPU): the packed kernels take bfloat16 activations and give
-bfloat16 outputs, so one product is off the float32 product of the dequantized weights by about
-2^-9 of its size (4 bits, where the affine form maps exactly: 3-5e-3 of the largest output
-measured); 8 bits adds the re-quantization to one symmetric scale per output row (at most half a
-step, max|w| / 254). Through the whole demo model (float32 elsewhere), that is the error of the
-bfloat16 model itself: on 96 held-out tokens the largest logit difference from the dequantized
-float32 model was 0.11 (4 bits) and 2.33 (8 bits) where the bfloat16 model's was 1.49 and 2.33,
-every argmax equal (bfloat16: 99%), the held-out loss within 0.0012 (bfloat16: 0.002). Checked:
-no worse than 1.25x the bfloat16 model, the same argmax at 98% of positions or more, the loss
-within 0.005, and MLX's greedy tokens. On CUDA (skipped without one) the same bounds hold against
-the dequantized model on that GPU, and its greedy tokens equal the CPU kernels'.
+Two CPU layouts. "native" (the project's kernels, `torch_backend.cpu_kernels`, the default where they
+build): MLX's codes with its per-group scales and biases, products in float32 as MLX computes them, so
+a product is the dequantized weight's float32 product up to summation order (1e-6 of the largest
+output measured), and products of many rows run the float32 GEMM on the dequantized weight. "torch"
+(torch's packed kernels, where the project's did not build): bfloat16 activations and outputs, so one
+product is off the float32 product by about 2^-9 of its size (4 bits, where the affine form maps
+exactly: 3-5e-3 of the largest output measured); 8 bits adds the re-quantization to one symmetric
+scale per output row (at most half a step, max|w| / 254). Through the whole demo model (float32
+elsewhere) the torch layout's error is that of the bfloat16 model itself: on 96 held-out tokens the
+largest logit difference from the dequantized float32 model was 0.11 (4 bits) and 2.33 (8 bits) where
+the bfloat16 model's was 1.49 and 2.33, every argmax equal (bfloat16: 99%), the held-out loss within
+0.0012 (bfloat16: 0.002). Checked for the default layout: no worse than 1.25x the bfloat16 model, the
+same argmax at 98% of positions or more, the loss within 0.005, and MLX's greedy tokens. On CUDA
+(skipped without one) the same bounds hold against the dequantized model on that GPU, and its greedy
+tokens equal the CPU kernels'.
 """
 
 from __future__ import annotations
@@ -246,8 +250,8 @@ def test_demo_packed_memory(demo_quantized: tuple[int, Path]) -> None:
     stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     packed = model_bytes(load_model(folder, device="cpu"))
     floats = model_bytes(load_model(folder, device="cpu", dequantize=True))
-    # 4 bits: the folder's own bytes (the codes, a bfloat16 scale and zero per group); 8 bits: less
-    # (one scale per row instead of a scale and a bias per group).
+    # the folder's own bytes: the codes with a scale and a bias per group (torch's 8-bit layout: less,
+    # one scale per row)
     assert packed <= stored
     assert packed < floats * {4: 0.3, 8: 0.55}[bits]
 
