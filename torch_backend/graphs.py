@@ -146,6 +146,9 @@ class DecodeRunner:
         end = int(positions.max()) + 1
         b = bucket(n) if self.graphs else n
         self.model.prepare_decode(list(caches), end, self.ahead)
+        if not self.graphs and b == caches[0].batch_size:  # every row: the caches themselves (no views to make)
+            pos = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
+            return self.step(tokens, pos.to(self.device), list(caches))
         views = view_rows(caches, b)
         pos = torch.zeros(b, dtype=torch.long)
         pos[:n] = torch.from_numpy(positions)
