@@ -114,3 +114,38 @@ def test_compiled_attention_fallback_is_the_reference_math() -> None:
     for m in (None, mask):
         got = _decode_attention_loops(q, k, v, 0.125, m)
         assert (got.double() - _reference(q, k, v, 0.125, m)).abs().max() <= 2e-6
+
+
+def _fresh_process(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_a_failing_compiler_warns_and_falls_back(tmp_path: Path) -> None:
+    """A compiler that fails every flag set: one warning naming the failure, no library left in the
+    cache, and the model still generates (torch's kernels)."""
+    fake = tmp_path / "broken-c++"
+    fake.write_text("#!/bin/sh\necho 'internal compiler error: simulated' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    code = ("from torch_backend import cpu_kernels, load, generate;"
+            "assert not cpu_kernels.available();"
+            "m, t = load('apps/demo_model', device='cpu', dtype='bfloat16');"
+            "print(len(generate(m, t, 'def add(a, b):', max_tokens=6)))")
+    out = _fresh_process(code, CXX=str(fake), LLAMA4_KERNEL_CACHE=str(tmp_path / "cache"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "building the CPU decode kernels failed" in out.stderr and "simulated" in out.stderr
+    assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written library
+
+
+@needs_kernels
+def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
+    """The cached library cut short (as a full disk leaves it): the next process rebuilds it and runs."""
+    cache = tmp_path / "cache"
+    code = "from torch_backend import cpu_kernels; assert cpu_kernels.available()"
+    assert _fresh_process(code, LLAMA4_KERNEL_CACHE=str(cache)).returncode == 0
+    (lib,) = list(cache.rglob("cpu_kernels-*.so"))
+    lib.write_bytes(lib.read_bytes()[:4096])
+    out = _fresh_process(code + "; import torch; print(torch.ops.llama4_cpu.reduced_gemv)",
+                         LLAMA4_KERNEL_CACHE=str(cache))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert lib.stat().st_size > 4096

@@ -14,8 +14,9 @@ eager code and compiled decode steps call them alike.
 
 Built once per source, torch version and compiler into the user's cache folder (`LLAMA4_KERNEL_CACHE`,
 else ~/.cache/llama4-local), written to a temporary name and renamed, so concurrent first uses never
-load half a library. `LLAMA4_CPU_KERNELS=0` turns them off; where no compiler works the callers use
-torch's kernels (`available()` is False, with one warning saying why).
+load half a library; a library whose bytes no longer match the digest written beside it is rebuilt.
+`LLAMA4_CPU_KERNELS=0` turns them off; where no compiler works the callers use torch's kernels
+(`available()` is False, with one warning saying why).
 """
 
 from __future__ import annotations
@@ -75,10 +76,32 @@ def _build(cxx: str, flags: list[str], target: Path) -> None:
         cmd = [cxx, "-shared", "-fPIC", "-std=c++17", abi, *flags, *includes, str(SOURCE), "-o", tmp,
                *libs, *rpath, "-lc10", "-ltorch_cpu", *undefined]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+        digest = _digest(Path(tmp))
+        fd, tmp_sum = tempfile.mkstemp(suffix=".sha256", dir=target.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(digest)
+        os.replace(tmp_sum, _digest_file(target))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_file(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _intact(target: Path) -> bool:
+    """Whether the cached library is the one built (its digest matches): loading a damaged shared library
+    can crash the process (a file cut short faults when mapped), so it is checked before loading."""
+    try:
+        return target.exists() and _digest_file(target).read_text().strip() == _digest(target)
+    except OSError:
+        return False
 
 
 _loaded: bool | None = None  # `available()`'s answer, once known (read directly while tracing)
@@ -109,7 +132,7 @@ def _load() -> bool:
         key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, cxx, *flags]).encode()).hexdigest()
         target = _cache_dir() / f"cpu_kernels-{key[:16]}.so"
         try:
-            if not target.exists():
+            if not _intact(target):  # missing, or damaged (a full disk, a copy cut short): built again
                 _build(cxx, flags, target)
             torch.ops.load_library(str(target))
             _register_fakes()
