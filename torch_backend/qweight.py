@@ -2,8 +2,9 @@
 
 On the CPU, where the project's own kernels are built (`torch_backend.cpu_kernels`, layout "native"),
 the weights keep MLX's codes with their per-group scales and biases (in the folder's dtype) and
-decode products compute MLX's affine form exactly in float32; products of more rows (prefill)
-dequantize the weight into bfloat16 and run the GEMM. Elsewhere (layout "torch"), torch's kernels:
+products of up to `cpu_kernels.QUANT_MAX_ROWS` rows compute MLX's affine form in float32 with the
+activations in the model's dtype; products of more rows (prefill) dequantize the weight into float32
+and run the float32 GEMM. Elsewhere (layout "torch"), torch's kernels:
 - 4 bits: `torch._weight_int4pack_mm_for_cpu` (CPU) and `torch._weight_int4pack_mm` (CUDA) take int4
   codes with a scale and a zero per group of inputs, w = (q - 8) * scale + zero; MLX's affine
   w = q * scale + bias is that form exactly with zero = bias + 8 * scale (the codes are the same).
@@ -14,8 +15,8 @@ dequantize the weight into bfloat16 and run the GEMM. Elsewhere (layout "torch")
   row. On CUDA, and for many rows on the CPU, the same int8 codes and row scales go through the
   bfloat16 GEMM (`INT8_GEMM_ROWS`).
 
-The kernels run with bfloat16 activations (on the CPU they are 20-50x slower with float32 or float16
-ones), so a quantized product casts its input to bfloat16 and its output back. Stacks of experts
+Torch's kernels run with bfloat16 activations (on the CPU they are 20-50x slower with float32 or
+float16 ones), so a "torch" product casts its input to bfloat16 and its output back. Stacks of experts
 keep one packed matrix per expert. On CUDA a kernel is used only once a probe product on that device
 matched the dequantized weight (`kernels_available`), else the weights are dequantized at load.
 Shapes: N outputs, K inputs, G group size, E experts.
