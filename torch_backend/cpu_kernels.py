@@ -1,6 +1,7 @@
-"""The project's own CPU decode kernels (`cpu_kernels.cpp`), built on first use with the machine's C++
-compiler (the one `torch.compile` uses) and registered as torch operators `torch.ops.llama4_cpu.*`, so
-eager code and compiled decode steps call them alike.
+"""The project's own CPU decode kernels (`cpu_gemv.cpp`, `cpu_attention.cpp`, sharing `cpu_kernels.h`),
+built on first use with the machine's C++ compiler (the one `torch.compile` uses) into one library and
+registered as torch operators `torch.ops.llama4_cpu.*`, so eager code and compiled decode steps call
+them alike.
 
 - `reduced_gemv(x, w)`: x [M, K] @ w.T for a bfloat16 / float16 w [N, K], float32 accumulation.
   Torch's own bfloat16 matrix-vector loop streams 12-13 GB/s on a 2-core x86 CPU where this one
@@ -34,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_gemv.cpp", HERE / "cpu_attention.cpp")  # compiled together into one library
+HEADERS = (HERE / "cpu_kernels.h",)
 # Products of up to this many rows take the kernels (decoding, and prefill's expert products); more
 # rows take the GEMM. Measured on a 2-core x86 CPU: quantized [1536, 512] at 16 rows 0.45 ms (8 bits)
 # against 0.54 for the dequantized weight's float32 GEMM, at 32 rows 0.84 against 0.59; bfloat16
@@ -73,7 +76,7 @@ def _build(cxx: str, flags: list[str], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, "-shared", "-fPIC", "-std=c++17", abi, *flags, *includes, str(SOURCE), "-o", tmp,
+        cmd = [cxx, "-shared", "-fPIC", "-std=c++17", abi, *flags, *includes, *map(str, SOURCES), "-o", tmp,
                *libs, *rpath, "-lc10", "-ltorch_cpu", *undefined]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
         digest = _digest(Path(tmp))
@@ -129,7 +132,8 @@ def _load() -> bool:
         return False
     errors = []
     for flags in _flag_sets():
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, cxx, *flags]).encode()).hexdigest()
+        texts = [f.read_text() for f in (*SOURCES, *HEADERS)]
+        key = hashlib.sha256("\0".join([*texts, torch.__version__, cxx, *flags]).encode()).hexdigest()
         target = _cache_dir() / f"cpu_kernels-{key[:16]}.so"
         try:
             if not _intact(target):  # missing, or damaged (a full disk, a copy cut short): built again

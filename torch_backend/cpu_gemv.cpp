@@ -13,29 +13,12 @@
 //   low nibble and input j + 16 in its high one (so a block unpacks into two runs of 16 inputs);
 // - scales and biases interleaved [N, K/G, 2] in float32, bfloat16 or float16.
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <limits>
-#include <optional>
-#include <cstring>
-#include <vector>
+#include "cpu_kernels.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define LLAMA4_AVX512 1
-#endif
-
+namespace llama4_cpu {
 namespace {
 
-constexpr int L = 16;  // lanes of one accumulator
 constexpr int RB = 4;  // output rows per block
 constexpr int MB = 4;  // rows of x per pass over a block
 constexpr int QMB = 2;  // the same for quantized weights (whose blocks keep more accumulators)
@@ -46,10 +29,6 @@ constexpr int64_t AHEAD_BYTES = 4096;
 inline int64_t rows_ahead(int64_t row_bytes) {
   return std::max<int64_t>(RB, (AHEAD_BYTES + row_bytes - 1) / row_bytes);
 }
-
-inline float widen(float v) { return v; }
-inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float widen(c10::Half v) { return static_cast<float>(v); }
 
 // Weight decoders: write inputs [k, k + L) of one output row as float32 into `out`.
 struct BF16Rows {
@@ -121,45 +100,6 @@ inline void decode_v(const Q4Rows& w, int64_t n, int64_t k, __m512* out) {
   out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
 }
 #endif
-
-#ifdef LLAMA4_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// e^x for 16 floats: x = n ln2 + r (ln2 in two parts, |r| <= ln2 / 2), e^r by its degree-7 Taylor
-// polynomial (error below 2^-24 relative on that range), scaled by 2^n (VSCALEFPS: 0 for -inf, inf
-// past the range). Within 2 ulp of expf.
-inline __m512 exp16(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  // -inf - (-inf) style NaNs pass through; x = -inf gives n = -inf and scalef(., -inf) = 0
-  const __m512 out = _mm512_scalef_ps(p, n);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), out,
-                              _mm512_setzero_ps());
-}
-#endif
-
-inline float lane_sum(const float* a) {
-  float s = 0.f;
-  for (int j = 0; j < L; ++j) s += a[j];
-  return s;
-}
 
 // Float weights: rows [n0, n0 + R) of y for rows [m0, m0 + Mb) of x.
 template <int R, int Mb, typename Rows>
@@ -414,25 +354,6 @@ std::vector<float> float_x(const at::Tensor& x, int64_t K) {
   return out;
 }
 
-// The float32 results [M, N] as a tensor in x's dtype.
-at::Tensor finish(const std::vector<float>& y, const at::Tensor& x, int64_t N) {
-  at::Tensor out = at::empty({x.size(0), N}, x.options());
-  const int64_t n = static_cast<int64_t>(y.size());
-  switch (x.scalar_type()) {
-    case at::kFloat: std::memcpy(out.data_ptr<float>(), y.data(), n * 4); break;
-    case at::kBFloat16: {
-      c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
-      for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(y[i]);  // rounded to nearest even
-      break;
-    }
-    default: {
-      c10::Half* o = out.data_ptr<c10::Half>();
-      for (int64_t i = 0; i < n; ++i) o[i] = c10::Half(y[i]);
-    }
-  }
-  return out;
-}
-
 #define LLAMA4_ROWS(R_, MB_, CALL)                 \
   do {                                             \
     if ((R_) == RB) {                              \
@@ -586,136 +507,8 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& sb, int64_t bit
   return out;
 }
 
-// One query per sequence against its cached keys, as `torch_backend.attention.decode_attention`
-// computes it (float32: scores of q * scale, softmax, probabilities times values): q [B, H, d], k and v
-// [B, KV, S, d] (unit stride along d), `mask` [B, S] (true: may attend) or undefined (all may) ->
-// [B, H * d] in q's dtype. Query heads h read kv head h / (H / KV). One task per (sequence, kv head).
-template <typename T>
-void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask, int64_t mask_ld,
-                 double scale, float* out) {
-  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), KV = k.size(1), S = k.size(2), G = H / KV;
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2),
-                vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(G * d), scores(G * S), acc(G * d), row(d);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KV, kv = task % KV;
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < d; ++i)
-          qs[g * d + i] = widen(qp[b * qs0 + (kv * G + g) * qs1 + i]) * static_cast<float>(scale);
-      const T* kb = kp + b * ks0 + kv * ks1;
-      const T* vb = vp + b * vs0 + kv * vs1;
-#ifdef LLAMA4_AVX512
-      if (d % L == 0 && d <= 8 * L) {  // vectors: a key or value row in at most 8 registers
-        const int64_t nv = d / L;
-        for (int64_t j = 0; j < S; ++j) {
-          __m512 kr[8];
-          for (int64_t i = 0; i < nv; ++i) kr[i] = load16(kb + j * ks2 + i * L);
-          const bool visible = mask == nullptr || mask[b * mask_ld + j];
-          for (int64_t g = 0; g < G; ++g) {
-            __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qs.data() + g * d), kr[0]);
-            for (int64_t i = 1; i < nv; ++i) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qs.data() + g * d + i * L), kr[i], dot);
-            scores[g * S + j] = visible ? _mm512_reduce_add_ps(dot) : -std::numeric_limits<float>::infinity();
-          }
-        }
-        for (int64_t g = 0; g < G; ++g) {
-          float* sc = scores.data() + g * S;
-          const float top = *std::max_element(sc, sc + S);
-          // Key j always adds into lane j % 16 (the last, partial vector masked), so keys hidden by the
-          // mask add exact zeros: a masked row over a longer cache sums exactly as the visible keys alone.
-          __m512 total = _mm512_setzero_ps();
-          for (int64_t j = 0; j < S; j += L) {
-            const __mmask16 live = S - j >= L ? __mmask16(0xFFFF) : __mmask16((1u << (S - j)) - 1);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sc + j), _mm512_set1_ps(top)));
-            _mm512_mask_storeu_ps(sc + j, live, e);
-            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
-          }
-          const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(total));
-          for (int64_t j = 0; j < S; j += L) {
-            const __mmask16 live = S - j >= L ? __mmask16(0xFFFF) : __mmask16((1u << (S - j)) - 1);
-            _mm512_mask_storeu_ps(sc + j, live, _mm512_div_ps(_mm512_maskz_loadu_ps(live, sc + j), sum));
-          }
-        }
-        for (int64_t g = 0; g < G; ++g) {  // a head's output in registers; the value rows stay in cache
-          __m512 a[8];
-          for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_setzero_ps();
-          const float* sc = scores.data() + g * S;
-          for (int64_t j = 0; j < S; ++j) {
-            const __m512 pj = _mm512_set1_ps(sc[j]);
-            for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_fmadd_ps(pj, load16(vb + j * vs2 + i * L), a[i]);
-          }
-          for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(out + (b * H + kv * G + g) * d + i * L, a[i]);
-        }
-        continue;
-      }
-#endif
-      for (int64_t j = 0; j < S; ++j) {
-        const bool visible = mask == nullptr || mask[b * mask_ld + j];
-        for (int64_t i = 0; i < d; ++i) row[i] = widen(kb[j * ks2 + i]);
-        for (int64_t g = 0; g < G; ++g) {
-          float lanes[L] = {};
-          int64_t i = 0;
-          for (; i + L <= d; i += L)
-            for (int l = 0; l < L; ++l) lanes[l] += qs[g * d + i + l] * row[i + l];
-          float dot = lane_sum(lanes);
-          for (; i < d; ++i) dot += qs[g * d + i] * row[i];
-          scores[g * S + j] = visible ? dot : -std::numeric_limits<float>::infinity();
-        }
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t g = 0; g < G; ++g) {  // softmax over the keys
-        float* sc = scores.data() + g * S;
-        const float top = *std::max_element(sc, sc + S);
-        float total = 0.f;
-        for (int64_t j = 0; j < S; ++j) total += (sc[j] = std::exp(sc[j] - top));
-        for (int64_t j = 0; j < S; ++j) sc[j] /= total;
-      }
-      for (int64_t j = 0; j < S; ++j) {
-        for (int64_t i = 0; i < d; ++i) row[i] = widen(vb[j * vs2 + i]);
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * S + j];
-          for (int64_t i = 0; i < d; ++i) acc[g * d + i] += p * row[i];
-        }
-      }
-      for (int64_t g = 0; g < G; ++g)
-        std::memcpy(out + (b * H + kv * G + g) * d, acc.data() + g * d, d * 4);
-    }
-  });
-}
-
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0) &&
-                  k.size(3) == q.size(2) && q.size(1) % k.size(1) == 0,
-              "cpu_kernels: decode_attention takes q [B, H, d] and k, v [B, KV, S, d], got ", q.sizes(), ", ",
-              k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && q.scalar_type() == k.scalar_type() &&
-                  q.scalar_type() == v.scalar_type(),
-              "cpu_kernels: decode_attention needs one dtype and unit stride along d");
-  const bool* m = nullptr;
-  int64_t mask_ld = 0;
-  at::Tensor mask_c;
-  if (mask.has_value() && mask->defined()) {
-    mask_c = mask->to(at::kBool).contiguous();
-    TORCH_CHECK(mask_c.dim() == 2 && mask_c.size(0) == q.size(0) && mask_c.size(1) == k.size(2),
-                "cpu_kernels: mask must be [B, S], got ", mask_c.sizes());
-    m = mask_c.data_ptr<bool>();
-    mask_ld = mask_c.size(1);
-  }
-  const int64_t B = q.size(0), H = q.size(1), d = q.size(2);
-  std::vector<float> out(B * H * d);
-  switch (q.scalar_type()) {
-    case at::kFloat: attend_rows<float>(q, k, v, m, mask_ld, scale, out.data()); break;
-    case at::kBFloat16: attend_rows<c10::BFloat16>(q, k, v, m, mask_ld, scale, out.data()); break;
-    case at::kHalf: attend_rows<c10::Half>(q, k, v, m, mask_ld, scale, out.data()); break;
-    default: TORCH_CHECK(false, "cpu_kernels: decode_attention takes float32, bfloat16 or float16, got ", q.scalar_type());
-  }
-  const at::Tensor x = q.reshape({B, H * d});  // the dtype `finish` converts to
-  return finish(out, x, H * d);
-}
-
 }  // namespace
+}  // namespace llama4_cpu
 
 TORCH_LIBRARY(llama4_cpu, m) {
   m.def("reduced_gemv(Tensor x, Tensor w) -> Tensor");
@@ -725,8 +518,7 @@ TORCH_LIBRARY(llama4_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(llama4_cpu, CPU, m) {
-  m.impl("reduced_gemv", &reduced_gemv);
-  m.impl("quant_gemv", &quant_gemv);
-  m.impl("dequantize", &dequantize);
-  m.impl("decode_attention", &decode_attention);
+  m.impl("reduced_gemv", &llama4_cpu::reduced_gemv);
+  m.impl("quant_gemv", &llama4_cpu::quant_gemv);
+  m.impl("dequantize", &llama4_cpu::dequantize);
 }

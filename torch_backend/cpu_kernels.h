@@ -1,0 +1,92 @@
+// Shared by the project's CPU kernels (cpu_gemv.cpp, cpu_attention.cpp; built and loaded by
+// torch_backend/cpu_kernels.py): includes, float conversions, AVX-512 helpers, the output tensor.
+
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define LLAMA4_AVX512 1
+#endif
+
+namespace llama4_cpu {
+
+constexpr int L = 16;  // lanes of one accumulator
+
+inline float widen(float v) { return v; }
+inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float widen(c10::Half v) { return static_cast<float>(v); }
+
+#ifdef LLAMA4_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// e^x for 16 floats: x = n ln2 + r (ln2 in two parts, |r| <= ln2 / 2), e^r by its degree-7 Taylor
+// polynomial (error below 2^-24 relative on that range), scaled by 2^n (VSCALEFPS: 0 for -inf, inf
+// past the range). Within 2 ulp of expf.
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  // -inf - (-inf) style NaNs pass through; x = -inf gives n = -inf and scalef(., -inf) = 0
+  const __m512 out = _mm512_scalef_ps(p, n);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), out,
+                              _mm512_setzero_ps());
+}
+#endif
+
+inline float lane_sum(const float* a) {
+  float s = 0.f;
+  for (int j = 0; j < L; ++j) s += a[j];
+  return s;
+}
+
+// The float32 results [M, N] as a tensor in x's dtype.
+inline at::Tensor finish(const std::vector<float>& y, const at::Tensor& x, int64_t N) {
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  const int64_t n = static_cast<int64_t>(y.size());
+  switch (x.scalar_type()) {
+    case at::kFloat: std::memcpy(out.data_ptr<float>(), y.data(), n * 4); break;
+    case at::kBFloat16: {
+      c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(y[i]);  // rounded to nearest even
+      break;
+    }
+    default: {
+      c10::Half* o = out.data_ptr<c10::Half>();
+      for (int64_t i = 0; i < n; ++i) o[i] = c10::Half(y[i]);
+    }
+  }
+  return out;
+}
+
+}  // namespace llama4_cpu
