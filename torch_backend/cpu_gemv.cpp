@@ -31,38 +31,20 @@ inline int64_t rows_ahead(int64_t row_bytes) {
 }
 
 // Weight decoders: write inputs [k, k + L) of one output row as float32 into `out`.
-struct BF16Rows {
-  const uint16_t* w;
-  int64_t ldw;
-  inline const void* at(int64_t n, int64_t k) const { return w + n * ldw + k; }
+// One element per input: bfloat16 / float16 weights, 8-bit codes.
+template <typename T>
+struct ElementRows {
+  const T* w;
+  int64_t ld;
+  inline const void* at(int64_t n, int64_t k) const { return w + n * ld + k; }
   inline void decode(int64_t n, int64_t k, float* out) const {
-    const uint16_t* p = w + n * ldw + k;
-    for (int j = 0; j < L; ++j) {
-      uint32_t bits = static_cast<uint32_t>(p[j]) << 16;  // bfloat16 is the top half of a float32
-      std::memcpy(out + j, &bits, 4);
-    }
-  }
-};
-
-struct HalfRows {
-  const c10::Half* w;
-  int64_t ldw;
-  inline const void* at(int64_t n, int64_t k) const { return w + n * ldw + k; }
-  inline void decode(int64_t n, int64_t k, float* out) const {
-    const c10::Half* p = w + n * ldw + k;
+    const T* p = w + n * ld + k;
     for (int j = 0; j < L; ++j) out[j] = static_cast<float>(p[j]);
   }
 };
-
-struct Q8Rows {
-  const uint8_t* q;
-  int64_t ldq;
-  inline const void* at(int64_t n, int64_t k) const { return q + n * ldq + k; }
-  inline void decode(int64_t n, int64_t k, float* out) const {
-    const uint8_t* p = q + n * ldq + k;
-    for (int j = 0; j < L; ++j) out[j] = static_cast<float>(p[j]);
-  }
-};
+using BF16Rows = ElementRows<c10::BFloat16>;
+using HalfRows = ElementRows<c10::Half>;
+using Q8Rows = ElementRows<uint8_t>;
 
 // 4 bits: decode() is called for k at the start of a 32-input block and fills 2L values.
 struct Q4Rows {
@@ -78,15 +60,12 @@ struct Q4Rows {
 
 #ifdef LLAMA4_AVX512
 // The same decoders on AVX-512 vectors: `decode_v` fills Step / 16 vectors of 16 float32 inputs.
-inline void decode_v(const BF16Rows& w, int64_t n, int64_t k, __m512* out) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.w + n * w.ldw + k));
-  out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline void decode_v(const HalfRows& w, int64_t n, int64_t k, __m512* out) {
-  out[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.w + n * w.ldw + k)));
+template <typename T>  // bfloat16 / float16
+inline void decode_v(const ElementRows<T>& w, int64_t n, int64_t k, __m512* out) {
+  out[0] = load16(w.w + n * w.ld + k);
 }
 inline void decode_v(const Q8Rows& w, int64_t n, int64_t k, __m512* out) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + n * w.ldq + k));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.w + n * w.ld + k));
   out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
 }
 inline void decode_v(const Q4Rows& w, int64_t n, int64_t k, __m512* out) {
@@ -334,22 +313,16 @@ std::vector<float> float_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "cpu_kernels: x must be [M, ", K, "], got ", x.sizes());
   TORCH_CHECK(x.stride(1) == 1, "cpu_kernels: x must have contiguous rows");
   std::vector<float> out(x.size(0) * K);
-  for (int64_t m = 0; m < x.size(0); ++m) {
-    float* o = out.data() + m * K;
-    switch (x.scalar_type()) {
-      case at::kFloat: std::memcpy(o, x.data_ptr<float>() + m * x.stride(0), K * 4); break;
-      case at::kBFloat16: {
-        const c10::BFloat16* p = x.data_ptr<c10::BFloat16>() + m * x.stride(0);
-        for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(p[k]);
-        break;
-      }
-      case at::kHalf: {
-        const c10::Half* p = x.data_ptr<c10::Half>() + m * x.stride(0);
-        for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(p[k]);
-        break;
-      }
-      default: TORCH_CHECK(false, "cpu_kernels: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-    }
+  const int64_t M = x.size(0), ldx = x.stride(0);
+  auto widen_rows = [&](const auto* p) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) out[m * K + k] = widen(p[m * ldx + k]);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: widen_rows(x.data_ptr<float>()); break;
+    case at::kBFloat16: widen_rows(x.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: widen_rows(x.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "cpu_kernels: x must be float32, bfloat16 or float16, got ", x.scalar_type());
   }
   return out;
 }
@@ -406,7 +379,7 @@ at::Tensor reduced_gemv(const at::Tensor& x, const at::Tensor& w) {
     });
   };
   if (w.scalar_type() == at::kBFloat16) {
-    run(BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr()), w.stride(0)});
+    run(BF16Rows{w.data_ptr<c10::BFloat16>(), w.stride(0)});
   } else {
     TORCH_CHECK(w.scalar_type() == at::kHalf, "cpu_kernels: w must be bfloat16 or float16, got ", w.scalar_type());
     run(HalfRows{w.data_ptr<c10::Half>(), w.stride(0)});

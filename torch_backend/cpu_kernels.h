@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -73,18 +74,14 @@ inline float lane_sum(const float* a) {
 // The float32 results [M, N] as a tensor in x's dtype.
 inline at::Tensor finish(const std::vector<float>& y, const at::Tensor& x, int64_t N) {
   at::Tensor out = at::empty({x.size(0), N}, x.options());
-  const int64_t n = static_cast<int64_t>(y.size());
+  auto narrow = [&](auto* o) {  // bfloat16 / float16: rounded to nearest even
+    using T = std::remove_pointer_t<decltype(o)>;
+    for (size_t i = 0; i < y.size(); ++i) o[i] = static_cast<T>(y[i]);
+  };
   switch (x.scalar_type()) {
-    case at::kFloat: std::memcpy(out.data_ptr<float>(), y.data(), n * 4); break;
-    case at::kBFloat16: {
-      c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
-      for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(y[i]);  // rounded to nearest even
-      break;
-    }
-    default: {
-      c10::Half* o = out.data_ptr<c10::Half>();
-      for (int64_t i = 0; i < n; ++i) o[i] = c10::Half(y[i]);
-    }
+    case at::kFloat: narrow(out.data_ptr<float>()); break;
+    case at::kBFloat16: narrow(out.data_ptr<c10::BFloat16>()); break;
+    default: narrow(out.data_ptr<c10::Half>());
   }
   return out;
 }

@@ -177,12 +177,15 @@ def reduced_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.is_grad_enabled() and available())
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the kernels' [M, K] with unit stride along K (a view where it can be)."""
+    x2 = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K]
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def reduced_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w.T -> [..., N] through the kernel (see `reduced_fits`)."""
-    x2 = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K]
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return torch.ops.llama4_cpu.reduced_gemv(x2, w).view(*x.shape[:-1], -1)  # [M, N] -> [..., N]
+    return torch.ops.llama4_cpu.reduced_gemv(_rows(x), w).view(*x.shape[:-1], -1)  # [M, N] -> [..., N]
 
 
 def attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -232,7 +235,5 @@ def dequantize(codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int
 
 def quant_gemv(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """x [..., K] @ w.T -> [..., N] for the affine weight held as `pack`ed codes and scales|biases [N, K/G, 2]."""
-    x2 = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K]
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return torch.ops.llama4_cpu.quant_gemv(x2, codes, sb, bits, group_size).view(*x.shape[:-1], -1)
+    y = torch.ops.llama4_cpu.quant_gemv(_rows(x), codes, sb, bits, group_size)  # [M, N]
+    return y.view(*x.shape[:-1], -1)  # [M, N] -> [..., N]
