@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch._dynamo import config as dynamo_config
@@ -28,6 +29,7 @@ from torch.fx.experimental import _config as fx_config
 
 from torch_backend.cache import KVCache
 from torch_backend.model import Cache, Transformer
+from torch_backend.replay import Graph, GraphReplay
 
 Step = Callable[[torch.Tensor, torch.Tensor, list[Cache]], torch.Tensor]
 
@@ -39,36 +41,75 @@ class CompiledStep:
         self.model = model
         # emulate_precision_casts: fused bfloat16/float16 element-wise chains round where eager torch
         # rounds (after each operation), so the compiled step computes the numbers the eager one does.
-        options = {"emulate_precision_casts": True, "cpp_wrapper": True}
-        self._compiled: Step | None = torch.compile(model.decode_rows, dynamic=False, options=options)
+        self._options = {"emulate_precision_casts": True, "cpp_wrapper": True}
+        self._compiled: Step | None = torch.compile(model.decode_rows, backend=self._backend, dynamic=False)
+        self._ran: list[tuple[Graph, tuple, Any]] = []  # the graphs the current guarded call ran
+        self._replay: GraphReplay | None = None
+        self.counts = {"guarded": 0, "replayed": 0}
+
+    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        """Inductor's compile of one traced graph, wrapped to note each run (for `GraphReplay`)."""
+        from torch._inductor.compile_fx import compile_fx
+
+        fn = compile_fx(gm, example_inputs, config_patches=self._options)
+        names = [getattr(n.meta.get("grapharg"), "source", None) for n in gm.graph.find_nodes(op="placeholder")]
+        graph = Graph(fn, [n.name for n in names] if all(n is not None for n in names) else None)
+
+        def run(*inputs: Any) -> Any:
+            outputs = fn(*inputs)
+            self._ran.append((graph, inputs, outputs))
+            return outputs
+
+        return run
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Sequence[Cache]) -> torch.Tensor:
         caches = list(caches)
         if self._compiled is None:
             return self.model.decode_rows(tokens, positions, caches)
-        self._mark_growing(caches)
+        local = {"self": self.model, "tokens": tokens, "positions": positions, "cache": caches}
         # oneDNN off: one-row products take torch's own matrix-vector kernels, as eagerly
         # (`torch_backend.fused.linear`); measured on the small benchmark model, bfloat16 decode went
         # from 138 to 180 tokens/s that way. The flag itself is switched (a process-wide switch,
         # restored right after): torch.backends.mkldnn.flags() also sets oneDNN's TF32 switch, which
         # warns on CPU-only builds.
-        previous = torch.backends.mkldnn.enabled, dynamo_config.capture_scalar_outputs, fx_config.use_duck_shape
+        mkldnn = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
-        # Set and restored directly rather than through `config.patch` (which builds a context object per
-        # call: about 0.05 ms of a 2 ms step). Without duck shaping a global cache that happens to hold as
-        # many slots as a chunk ring still gets its own (dynamic) size.
-        dynamo_config.capture_scalar_outputs, fx_config.use_duck_shape = True, False
         try:
-            return self._compiled(tokens, positions, caches)
+            if self._replay is not None:
+                out = self._replay(local)
+                if out is not None:
+                    self.counts["replayed"] += 1
+                    return out
+            return self._guarded(local)
+        finally:
+            torch.backends.mkldnn.enabled = mkldnn
+
+    def _guarded(self, local: dict[str, Any]) -> torch.Tensor:
+        """The step through torch.compile's checks (compiling where they fail); a replay of it follows."""
+        tokens, positions, caches = local["tokens"], local["positions"], local["cache"]
+        self._mark_growing(caches)
+        self.counts["guarded"] += 1
+        previous = dynamo_config.capture_scalar_outputs, fx_config.use_duck_shape
+        # Set and restored directly rather than through `config.patch` (which builds a context object per
+        # call). Without duck shaping a global cache that happens to hold as many slots as a chunk ring
+        # still gets its own (dynamic) size.
+        dynamo_config.capture_scalar_outputs, fx_config.use_duck_shape = True, False
+        self._ran.clear()
+        try:
+            out = self._compiled(tokens, positions, caches)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the same step, eagerly
             if not _compiler_failure(e):
                 raise
             warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {str(e).splitlines()[0]}",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
             self._compiled = None
             return self.model.decode_rows(tokens, positions, caches)
         finally:
-            torch.backends.mkldnn.enabled, dynamo_config.capture_scalar_outputs, fx_config.use_duck_shape = previous
+            dynamo_config.capture_scalar_outputs, fx_config.use_duck_shape = previous
+        ran, self._ran = self._ran, []
+        # one graph that was the whole step: replayed while its inputs stay the ones just checked
+        self._replay = GraphReplay.check(*ran[0], out, local, {"tokens", "positions"}) if len(ran) == 1 else None
+        return out
 
     def _mark_growing(self, caches: list[Cache]) -> None:
         """Axes that grow during a generation, dynamic from the first trace on (so growth never recompiles)."""

@@ -124,15 +124,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     mask_ld = mask_c.size(1);
   }
   const int64_t B = q.size(0), H = q.size(1), d = q.size(2);
-  std::vector<float> out(B * H * d);
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "cpu_kernels: decode_attention takes float32, bfloat16 or float16, got ", q.scalar_type());
+  Result out(B, H * d, q.options());
   switch (q.scalar_type()) {
-    case at::kFloat: attend_rows<float>(q, k, v, m, mask_ld, scale, out.data()); break;
-    case at::kBFloat16: attend_rows<c10::BFloat16>(q, k, v, m, mask_ld, scale, out.data()); break;
-    case at::kHalf: attend_rows<c10::Half>(q, k, v, m, mask_ld, scale, out.data()); break;
-    default: TORCH_CHECK(false, "cpu_kernels: decode_attention takes float32, bfloat16 or float16, got ", q.scalar_type());
+    case at::kFloat: attend_rows<float>(q, k, v, m, mask_ld, scale, out.data); break;
+    case at::kBFloat16: attend_rows<c10::BFloat16>(q, k, v, m, mask_ld, scale, out.data); break;
+    default: attend_rows<c10::Half>(q, k, v, m, mask_ld, scale, out.data);
   }
-  const at::Tensor x = q.reshape({B, H * d});  // the dtype `finish` converts to
-  return finish(out, x, H * d);
+  return out.done();
 }
 
 }  // namespace

@@ -308,15 +308,16 @@ void over_rows(int64_t M, int64_t N, int64_t bytes_per_row, const Block& block) 
   });
 }
 
-// x [M, K] in float32, contiguous (a copy unless it already is).
-std::vector<float> float_x(const at::Tensor& x, int64_t K) {
+// x [M, K] as float32 rows K apart: x's own data where it already is that, else a widened copy in `copy`.
+const float* float_rows(const at::Tensor& x, int64_t K, std::vector<float>& copy) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "cpu_kernels: x must be [M, ", K, "], got ", x.sizes());
   TORCH_CHECK(x.stride(1) == 1, "cpu_kernels: x must have contiguous rows");
-  std::vector<float> out(x.size(0) * K);
   const int64_t M = x.size(0), ldx = x.stride(0);
+  if (x.scalar_type() == at::kFloat && (M == 1 || ldx == K)) return x.data_ptr<float>();
+  copy.resize(M * K);
   auto widen_rows = [&](const auto* p) {
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) out[m * K + k] = widen(p[m * ldx + k]);
+      for (int64_t k = 0; k < K; ++k) copy[m * K + k] = widen(p[m * ldx + k]);
   };
   switch (x.scalar_type()) {
     case at::kFloat: widen_rows(x.data_ptr<float>()); break;
@@ -324,7 +325,7 @@ std::vector<float> float_x(const at::Tensor& x, int64_t K) {
     case at::kHalf: widen_rows(x.data_ptr<c10::Half>()); break;
     default: TORCH_CHECK(false, "cpu_kernels: x must be float32, bfloat16 or float16, got ", x.scalar_type());
   }
-  return out;
+  return copy.data();
 }
 
 #define LLAMA4_ROWS(R_, MB_, CALL)                 \
@@ -353,8 +354,10 @@ at::Tensor reduced_gemv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(K % L == 0, "cpu_kernels: K must be a multiple of ", L, ", got ", K);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "cpu_kernels: x must be [M, ", K,
               "] with contiguous rows, got ", x.sizes());
-  std::vector<float> y(M * N);
-  float* yp = y.data();
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "cpu_kernels: reduced_gemv takes bfloat16 or float16 x, got ", x.scalar_type());
+  Result y(M, N, x.options());
+  float* yp = y.data;
   const int64_t ahead = rows_ahead(w.stride(0) * 2);
 #if defined(__AVX512BF16__)
   if (w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && K % (2 * L) == 0) {
@@ -366,11 +369,11 @@ at::Tensor reduced_gemv(const at::Tensor& x, const at::Tensor& w) {
       LLAMA4_ROWS(r, mb, LLAMA4_DOT);
 #undef LLAMA4_DOT
     });
-    return finish(y, x, N);
+    return y.done();
   }
 #endif
-  const std::vector<float> xf = float_x(x, K);
-  const float* xp = xf.data();
+  std::vector<float> copy;
+  const float* xp = float_rows(x, K, copy);
   auto run = [&](const auto& rows) {
     over_rows(M, N, K * 2, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_FLOAT(R, Mb) float_block<R, Mb>(rows, xp, K, n_begin, n_end, m0, yp, N, ahead)
@@ -384,7 +387,7 @@ at::Tensor reduced_gemv(const at::Tensor& x, const at::Tensor& w) {
     TORCH_CHECK(w.scalar_type() == at::kHalf, "cpu_kernels: w must be bfloat16 or float16, got ", w.scalar_type());
     run(HalfRows{w.data_ptr<c10::Half>(), w.stride(0)});
   }
-  return finish(y, x, N);
+  return y.done();
 }
 
 // y [M, N] = x [M, K] @ w.T for MLX's affine w, from codes (layout above) and scales|biases [N, K/G, 2].
@@ -397,14 +400,15 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
               " and be a multiple of ", 2 * L);
   TORCH_CHECK(sb.is_contiguous() && sb.dim() == 3 && sb.size(0) == N && sb.size(1) == K / G && sb.size(2) == 2,
               "cpu_kernels: scales|biases must be contiguous [", N, ", ", K / G, ", 2], got ", sb.sizes());
-  const std::vector<float> xf = float_x(x, K);
+  std::vector<float> copy;
+  const float* xp = float_rows(x, K, copy);
   std::vector<float> xs(M * (K / G), 0.f);  // the inputs' group sums [M, K/G]
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < K / G; ++g)
-      for (int64_t k = 0; k < G; ++k) xs[m * (K / G) + g] += xf[m * K + g * G + k];
-  std::vector<float> y(M * N);
-  const float *xp = xf.data(), *xsp = xs.data();
-  float* yp = y.data();
+      for (int64_t k = 0; k < G; ++k) xs[m * (K / G) + g] += xp[m * K + g * G + k];
+  Result y(M, N, x.options());
+  const float* xsp = xs.data();
+  float* yp = y.data;
   const int64_t ahead = rows_ahead(codes.stride(0));
   auto run = [&](const auto* s) {
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
@@ -443,7 +447,7 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
     case at::kHalf: run(sb.data_ptr<c10::Half>()); break;
     default: TORCH_CHECK(false, "cpu_kernels: scales must be float32, bfloat16 or float16, got ", sb.scalar_type());
   }
-  return finish(y, x, N);
+  return y.done();
 }
 
 // MLX's affine weight in float32 [N, K] (q * scale + bias, as MLX computes it), for products of many rows.

@@ -71,19 +71,29 @@ inline float lane_sum(const float* a) {
   return s;
 }
 
-// The float32 results [M, N] as a tensor in x's dtype.
-inline at::Tensor finish(const std::vector<float>& y, const at::Tensor& x, int64_t N) {
-  at::Tensor out = at::empty({x.size(0), N}, x.options());
-  auto narrow = [&](auto* o) {  // bfloat16 / float16: rounded to nearest even
-    using T = std::remove_pointer_t<decltype(o)>;
-    for (size_t i = 0; i < y.size(); ++i) o[i] = static_cast<T>(y[i]);
-  };
-  switch (x.scalar_type()) {
-    case at::kFloat: narrow(out.data_ptr<float>()); break;
-    case at::kBFloat16: narrow(out.data_ptr<c10::BFloat16>()); break;
-    default: narrow(out.data_ptr<c10::Half>());
+// A kernel's result [M, N] in the input's dtype: the kernel writes float32 to `data`, the result's own
+// storage for float32 (no copy), else a staging buffer that `done()` rounds into the result.
+struct Result {
+  at::Tensor out;
+  std::vector<float> staging;
+  float* data;
+  Result(int64_t M, int64_t N, const at::TensorOptions& options) : out(at::empty({M, N}, options)) {
+    if (out.scalar_type() == at::kFloat) {
+      data = out.data_ptr<float>();
+    } else {
+      staging.resize(M * N);
+      data = staging.data();
+    }
   }
-  return out;
-}
+  at::Tensor done() {
+    auto narrow = [&](auto* o) {  // bfloat16 / float16: rounded to nearest even
+      using T = std::remove_pointer_t<decltype(o)>;
+      for (size_t i = 0; i < staging.size(); ++i) o[i] = static_cast<T>(staging[i]);
+    };
+    if (out.scalar_type() == at::kBFloat16) narrow(out.data_ptr<c10::BFloat16>());
+    if (out.scalar_type() == at::kHalf) narrow(out.data_ptr<c10::Half>());
+    return out;
+  }
+};
 
 }  // namespace llama4_cpu

@@ -83,7 +83,7 @@ def generate_step(model: Transformer, prompt: Sequence[int], sampling: SamplingP
             if runner is not None:
                 logits = runner(cache, 1, token.view(1), np.array([position]))  # [1, V]
                 for c in cache:
-                    c.offsets = np.array([position + 1])
+                    c.advance_together(position + 1)
             else:
                 inp = TransformerInput(tokens=token.view(1, 1), tokens_position=position)
                 logits = model(inp, cache=cache).logits[:, -1]  # [1, V]

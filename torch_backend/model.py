@@ -114,19 +114,23 @@ class Transformer(FusedModule):
         tables and every cache's slots; what has to grow grows for `ahead` more positions. Whether any
         of them moved (a graph captured over them is then stale)."""
         device, dtype = self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype
-        like = torch.empty((1, self.args.n_kv_heads, 0, self.args.head_dim), dtype=dtype, device=device)
         tables = [t for t in (self.rope, self.temperatures) if t is not None]
+        short = [t for t in tables if t.rows is None or t.rows.device != device or t.rows.shape[0] < end]
+        full = [c for c in cache if c.keys is None or c.keys.shape[2] < end]
+        if not short and not full:  # most steps: nothing to do
+            return False
+        like = torch.empty((1, self.args.n_kv_heads, 0, self.args.head_dim), dtype=dtype, device=device)
         before = [None if t.rows is None else t.rows.data_ptr() for t in tables]
-        for t in tables:
-            if t.rows is None or t.rows.device != device or t.rows.shape[0] < end:
-                t(0, end + ahead, device)
-        moved = [c.reserve(end + ahead, like) for c in cache if c.keys is None or c.keys.shape[2] < end]
+        for t in short:
+            t(0, end + ahead, device)
+        moved = [c.reserve(end + ahead, like) for c in full]
         return any(moved) or before != [t.rows.data_ptr() for t in tables]
 
     def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache: list[Cache]) -> torch.Tensor:
         """One decode step for B rows, each at its own position: tokens [B] and positions [B] (device
         tensors) -> logits [B, V] float32. Fixed shapes, no host reads or writes (the caller keeps the
-        caches' offsets and made room with `prepare_decode`), so the step can be captured as a CUDA graph."""
+        caches' offsets and made room with `prepare_decode`), so the step can be captured as a CUDA graph;
+        no Python side effects either, so the compiled CPU step can be replayed (`torch_backend.replay`)."""
         h = self.embed(tokens[:, None])  # [B] -> [B, 1, D]
         pos = Positions.for_decode(self.args, self.rope, self.temperatures, positions)
         for layer, c in zip(self.layers, cache, strict=True):
