@@ -106,6 +106,29 @@ def test_native_products_are_mlx_affine_math(bits: int) -> None:
                         (low.float() - ref_low.float()).abs().max() <= 2**-7 * ref.abs().max()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_prefill_product_is_the_dequantized_weights_gemm(bits: int) -> None:
+    """Products of many rows (`cpu_kernels.quant_mm`, the weight dequantized about 1 MB at a time: here
+    2,100 rows of 256 inputs in three tiles, the last one short): MLX's float32 weight, q * s + b as one
+    fused operation, exactly as `dequantize` makes it, through the float32 GEMM."""
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels did not build")
+    rng = np.random.default_rng(9)
+    wq, s, b, _ = _affine(rng, (2100, 256), bits, 64)
+    q, sc, bi = _entries(wq, s, b, bits)
+    packed = QWeight.from_affine([(q, sc, bi)], bits, 64, stacked=False, layout="native")
+    w = cpu_kernels.dequantize(packed.packed, packed.scales, bits, 64)
+    fused = torch.from_numpy(np.float32(
+        q.double().numpy() * sc.double().repeat_interleave(64, 1).numpy() + bi.double().repeat_interleave(64, 1).numpy()))
+    assert torch.equal(w, fused)  # one rounding of the exact q * s + b (s, b and q are exact in float32)
+    x = torch.from_numpy(rng.standard_normal((40, 256), dtype=np.float32))
+    got = packed.mm(x)
+    ref = x.double() @ w.double().T
+    assert got.dtype == torch.float32 and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.allclose(got, x @ w.T, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    assert packed.mm(x.bfloat16()).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_gemv_is_the_float32_product(dtype: torch.dtype) -> None:
     """bfloat16 / float16 weights through the CPU kernel: the float32 product of the same numbers, rounded

@@ -9,7 +9,8 @@ them alike.
 - `quant_gemv(x, codes, sb, bits, group_size)`: the same for MLX's affine 8-bit / 4-bit weights,
   computed as MLX does (y = sum over groups of scale * sum(q x) + bias * sum(x), in float32): exact
   to the affine form, no re-quantization. Codes are MLX's own (0..255 / 0..15), laid out by `pack`;
-  `dequantize` gives the float32 weight for products of many rows.
+  `quant_mm` runs products of many rows through the float32 GEMM on that weight (`dequantize`),
+  dequantized a tile at a time.
 - `decode_attention(q, k, v, scale, mask)`: one query per sequence over its cache, float32 math
   (13.5 us against 65-71 for torch's batched products at 256 keys, 8 heads over 2 kv heads of 64).
 
@@ -164,6 +165,10 @@ def _register_fakes() -> None:
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
+    @torch.library.register_fake("llama4_cpu::quant_mm")
+    def _(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], codes.shape[0]))
+
     @torch.library.register_fake("llama4_cpu::dequantize")
     def _(codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
         return codes.new_empty((codes.shape[0], codes.shape[1] * 8 // bits), dtype=torch.float32)
@@ -231,6 +236,14 @@ def unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def dequantize(codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The float32 weight [N, K] of `pack`ed codes and scales|biases [N, K/G, 2] (q * s + b per group)."""
     return torch.ops.llama4_cpu.dequantize(codes, sb, bits, group_size)
+
+
+def quant_mm(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """`quant_gemv`'s product for many rows (prefill): the float32 GEMM on `dequantize`'s weight, made a
+    tile at a time, in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()  # [..., K] -> [M, K]
+    y = torch.ops.llama4_cpu.quant_mm(x2, codes, sb, bits, group_size)  # [M, N]
+    return y.to(x.dtype).view(*x.shape[:-1], -1)  # [M, N] -> [..., N]
 
 
 def quant_gemv(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

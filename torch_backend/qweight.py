@@ -177,10 +177,9 @@ class QWeight:
         if self.layout == "native":
             if x.numel() // x.shape[-1] <= cpu_kernels.QUANT_MAX_ROWS:
                 return cpu_kernels.quant_gemv(x, packed, scales, self.bits, self.group_size)
-            # prefill: MLX's float32 weight [N, K] and the float32 GEMM (a bfloat16 weight would round it:
-            # on the 8-bit demo model that alone moved greedy tokens off MLX's)
-            w = cpu_kernels.dequantize(packed, scales, self.bits, self.group_size)
-            return F.linear(x.float(), w).to(x.dtype)
+            # prefill: MLX's float32 weight and the float32 GEMM (a bfloat16 weight would round it: on the
+            # 8-bit demo model that alone moved greedy tokens off MLX's)
+            return cpu_kernels.quant_mm(x, packed, scales, self.bits, self.group_size)
         x2 = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # [..., K] -> [M, K]
         if self.bits == 4 and packed.device.type == "cpu" and x2.shape[0] >= INT4_GEMM_ROWS and _cpu_blocks(packed):
             y = x2 @ _unpacked_t(packed, scales, self.group_size)  # [M, K] @ [K, N]
