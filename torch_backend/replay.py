@@ -20,7 +20,7 @@ import operator
 import re
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,32 +56,59 @@ def _apply(obj: Any, access: str) -> Any:
     return obj[int(key)] if key.isdigit() else obj[key[1:-1]]
 
 
-def gatherer(names: Sequence[str], local: dict[str, Any], held: Sequence[str] = ("self",)) -> Gather | None:
+def gatherer(names: Sequence[str], local: dict[str, Any], held: Sequence[str] = ("self",),
+             made: dict | None = None) -> Gather | None:
     """A function of a frame's locals `L` returning the values of `names` (dynamo's source expressions
     for the graph inputs, such as "L['cache'][3].keys.size()[2]") as one tuple, each shared prefix
     evaluated once; None where a name is not a chain of plain accesses from a local.
 
     Chains from the locals in `held` (the model) are walked now, in `local`, as far as the object
     before the first tensor on them (a module, its parameter dict, a growing table): each call then
-    reads only the rest, so it sees replaced tensors and grown tables but not replaced modules."""
+    reads only the rest, so it sees replaced tensors and grown tables but not replaced modules.
+    `made` keeps the parsed names and generated code between calls (making them takes milliseconds)."""
+    chains = None if made is None else made.get(tuple(names))
+    if chains is None:
+        chains = [_accesses(name) for name in names]
+        if made is not None:
+            made[tuple(names)] = chains
+    if any(chain is None for chain in chains):
+        return None
+    walked: dict[str, Any] = {}  # a held chain's prefix -> its object, each walked once
+    parents, splits = [], []
+    for base, accesses in chains:
+        if base not in held:
+            continue
+        expr, obj, i = base, local[base], 0
+        while i < len(accesses) - 1:
+            expr += accesses[i]
+            if expr not in walked:
+                walked[expr] = _apply(obj, accesses[i])
+            if isinstance(walked[expr], torch.Tensor):
+                break
+            obj, i = walked[expr], i + 1
+        parents.append(obj)
+        splits.append(i)
+    key = (tuple(names), tuple(held), tuple(splits))
+    bind = None if made is None else made.get(key)
+    if bind is None:
+        bind = _bind(chains, held, splits)
+        if made is not None:
+            made[key] = bind
+    return bind(*parents)
+
+
+def _bind(chains: list, held: Sequence[str], splits: list[int]) -> Callable[..., Gather]:
+    """The code of `gatherer`'s function, taking the held chains' parents p0, p1, ... (split as given)."""
     lines: list[str] = []
     known: dict[str, str] = {}  # expression -> the variable holding it
-    parents: list[Any] = []
-    leaves = []
-    for name in names:
-        chain = _accesses(name)
-        if chain is None:
-            return None
-        base, accesses = chain
+    leaves, held_seen = [], 0
+    for base, accesses in chains:
         expr = f"L[{base!r}]"
         if base in held:
-            obj, i = local[base], 0
-            while i < len(accesses) - 1 and not isinstance(nxt := _apply(obj, accesses[i]), torch.Tensor):
-                obj, i = nxt, i + 1
-            expr = f"p{len(parents)}"
-            parents.append(obj)
+            expr = f"p{held_seen}"
             known[expr] = expr
-            accesses = accesses[i:]
+            accesses = accesses[splits[held_seen]:]
+            held_seen += 1
         elif expr not in known:
             known[expr] = f"v{len(known)}"
             lines.append(f"{known[expr]} = {expr}")
@@ -92,11 +119,11 @@ def gatherer(names: Sequence[str], local: dict[str, Any], held: Sequence[str] = 
                 lines.append(f"{known[expr]} = {parent}{access}")
         leaves.append(known[expr])
     body = "".join(f"        {line}\n" for line in lines)
-    source = (f"def bind({', '.join(f'p{i}' for i in range(len(parents)))}):\n"
+    source = (f"def bind({', '.join(f'p{i}' for i in range(held_seen))}):\n"
               f"    def gather(L):\n{body}        return ({', '.join(leaves)},)\n    return gather\n")
     scope: dict[str, Any] = {}
-    exec(compile(source, "<graph inputs>", "exec"), scope)  # only the accesses matched above
-    return scope["bind"](*parents)
+    exec(compile(source, "<graph inputs>", "exec"), scope)  # only the accesses `_ACCESS` matched
+    return scope["bind"]
 
 
 @dataclass
@@ -105,6 +132,7 @@ class Graph:
 
     fn: Callable[..., Any]
     names: list[str] | None  # each input's source (None: not all known)
+    made: dict = field(default_factory=dict)  # `gatherer`'s code for these names
 
 
 def _getter(indices: list[int]) -> Callable[[Sequence[Any]], tuple]:
@@ -143,7 +171,7 @@ class GraphReplay:
         if graph.names is None or not whole:
             return None
         try:
-            gather = gatherer(graph.names, local)
+            gather = gatherer(graph.names, local, made=graph.made)
             values = None if gather is None else gather(local)
         except Exception:  # noqa: BLE001 - a source that does not evaluate here: no replay
             return None
