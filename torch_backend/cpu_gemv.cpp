@@ -24,7 +24,11 @@ namespace {
 
 constexpr int RB = 4;  // output rows per block
 constexpr int MB = 4;  // rows of x per pass over a block
-constexpr int QMB = 2;  // the same for quantized weights (whose blocks keep more accumulators)
+// The same for quantized weights: 8-bit blocks hold 4 rows of x; 4-bit ones (two accumulators per row and
+// x row) only 2, past which they spill registers (measured on a 2-core x86 CPU, [1536, 512] at 8 rows of
+// x: 8-bit 93 -> 83 us with 4, 4-bit 119 -> 160 us).
+constexpr int Q8MB = 4;
+constexpr int Q4MB = 2;
 // Bytes ahead that a block prefetches (as whole rows): a thread streams its rows four at a time, each
 // only one row long, too short a run for the hardware prefetcher (bfloat16 [*, 512] weights on a
 // 2-core x86 CPU: 14.8 GB/s without, 20.7 with 4 KB ahead, 20.2 with 8 KB, 17.2 with 2 KB).
@@ -417,7 +421,7 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
     if (bits == 8) {
       const Q8Rows rows{codes.data_ptr<uint8_t>(), codes.stride(0)};
-      over_rows<QMB>(M, N, K, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+      over_rows<Q8MB>(M, N, K, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_Q8(R, Mb) quant_block<R, Mb, L, Q8Rows, S>(rows, s, xp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
         LLAMA4_ROWS(r, mb, LLAMA4_Q8);
 #undef LLAMA4_Q8
@@ -429,7 +433,7 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
         const std::vector<uint16_t> xq =
             permute_q4(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, K);
         const uint16_t* xqp = xq.data();
-        over_rows<QMB>(M, N, K / 2, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+        over_rows<Q4MB>(M, N, K / 2, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_Q4DOT(R, Mb) q4_dot_block<R, Mb, S>(rows, s, xqp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
           LLAMA4_ROWS(r, mb, LLAMA4_Q4DOT);
 #undef LLAMA4_Q4DOT
@@ -437,7 +441,7 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
         return;
       }
 #endif
-      over_rows<QMB>(M, N, K / 2, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+      over_rows<Q4MB>(M, N, K / 2, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_Q4(R, Mb) quant_block<R, Mb, 2 * L, Q4Rows, S>(rows, s, xp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
         LLAMA4_ROWS(r, mb, LLAMA4_Q4);
 #undef LLAMA4_Q4
