@@ -48,6 +48,11 @@ def main() -> None:
     rank = 0 if world is None else world.rank
     (out / f"rank{rank}.json").write_text(json.dumps(best | {"load_s": round(load_s, 2), "tokens": tokens[:8]}
                                                   | _peak_gb(backend)))
+    if world is not None:
+        # every rank got here: the group torn down together, while the interpreter is fully alive (left to
+        # the exit handler, a gloo group aborted a rank now and then: "terminate called without an active
+        # exception")
+        world.close()
 
 
 if __name__ == "__main__":

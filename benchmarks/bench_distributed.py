@@ -51,6 +51,11 @@ def _command(backend: str, ranks: int) -> list[str]:
     return [shutil.which("mlx.launch") or "mlx.launch", "-n", str(ranks), "--backend", "ring", "--", sys.executable]
 
 
+def _head_and_tail(text: str, n: int = 3000) -> str:
+    """A failed launch's stderr: its start (the ranks' own messages) and end (the launcher's summary)."""
+    return text if len(text) <= 2 * n else f"{text[:n]}\n...\n{text[-n:]}"
+
+
 def run_one(backend: str, ranks: int, folder: Path, work: Path, opts: argparse.Namespace) -> dict[str, Any]:
     out = work / f"{backend}-{ranks}"
     out.mkdir()
@@ -62,7 +67,7 @@ def run_one(backend: str, ranks: int, folder: Path, work: Path, opts: argparse.N
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=*")]
         errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
         return {"backend": backend, "ranks": ranks, "error": (errors[0] if errors else str(proc.returncode))[-300:],
-                "stderr": proc.stderr[-4000:]}
+                "stderr": _head_and_tail(proc.stderr)}
     per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
     return {"backend": backend, "ranks": ranks, "per_rank": per_rank,
             "same_tokens": all(r["tokens"] == per_rank[0]["tokens"] for r in per_rank)}

@@ -118,8 +118,8 @@ def test_native_prefill_product_is_the_dequantized_weights_gemm(bits: int) -> No
     q, sc, bi = _entries(wq, s, b, bits)
     packed = QWeight.from_affine([(q, sc, bi)], bits, 64, stacked=False, layout="native")
     w = cpu_kernels.dequantize(packed.packed, packed.scales, bits, 64)
-    fused = torch.from_numpy(np.float32(
-        q.double().numpy() * sc.double().repeat_interleave(64, 1).numpy() + bi.double().repeat_interleave(64, 1).numpy()))
+    scale, bias = (t.double().repeat_interleave(64, 1).numpy() for t in (sc, bi))
+    fused = torch.from_numpy(np.float32(q.double().numpy() * scale + bias))
     assert torch.equal(w, fused)  # one rounding of the exact q * s + b (s, b and q are exact in float32)
     x = torch.from_numpy(rng.standard_normal((40, 256), dtype=np.float32))
     got = packed.mm(x)
