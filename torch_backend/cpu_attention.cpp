@@ -124,14 +124,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     mask_ld = mask_c.size(1);
   }
   const int64_t B = q.size(0), H = q.size(1), d = q.size(2);
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "cpu_kernels: decode_attention takes float32, bfloat16 or float16, got ", q.scalar_type());
   Result out(B, H * d, q.options());
-  switch (q.scalar_type()) {
-    case at::kFloat: attend_rows<float>(q, k, v, m, mask_ld, scale, out.data); break;
-    case at::kBFloat16: attend_rows<c10::BFloat16>(q, k, v, m, mask_ld, scale, out.data); break;
-    default: attend_rows<c10::Half>(q, k, v, m, mask_ld, scale, out.data);
-  }
+  with_float_data(q, "cpu_kernels: decode_attention takes", [&](const auto* p) {
+    attend_rows<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>>(q, k, v, m, mask_ld, scale, out.data);
+  });
   return out.done();
 }
 

@@ -326,12 +326,7 @@ const float* float_rows(const at::Tensor& x, int64_t K, std::vector<float>& copy
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) copy[m * K + k] = widen(p[m * ldx + k]);
   };
-  switch (x.scalar_type()) {
-    case at::kFloat: widen_rows(x.data_ptr<float>()); break;
-    case at::kBFloat16: widen_rows(x.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: widen_rows(x.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "cpu_kernels: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  }
+  with_float_data(x, "cpu_kernels: x must be", widen_rows);
   return copy.data();
 }
 
@@ -448,12 +443,7 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
       });
     }
   };
-  switch (sb.scalar_type()) {
-    case at::kFloat: run(sb.data_ptr<float>()); break;
-    case at::kBFloat16: run(sb.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: run(sb.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "cpu_kernels: scales must be float32, bfloat16 or float16, got ", sb.scalar_type());
-  }
+  with_float_data(sb, "cpu_kernels: scales must be", run);
   return y.done();
 }
 
@@ -467,7 +457,7 @@ void dequantize_rows(const uint8_t* q, const float* p, int64_t bits, int64_t K, 
         const float s = p[(n * groups + g) * 2], b = p[(n * groups + g) * 2 + 1];
         float* row = o + (n - n0) * K + g * G;
 #ifdef LLAMA4_AVX512
-        // the same fused q * s + b as the scalar loops below compile to, 16 at a time
+        // the same fused q * s + b as the scalar loops (#else) compile to, 16 at a time
         const __m512 vs = _mm512_set1_ps(s), vb = _mm512_set1_ps(b);
         if (bits == 8) {
           const uint8_t* c = q + n * K + g * G;
@@ -484,8 +474,7 @@ void dequantize_rows(const uint8_t* q, const float* p, int64_t bits, int64_t K, 
             _mm512_storeu_ps(row + blk + L, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vb));
           }
         }
-        continue;
-#endif
+#else
         if (bits == 8) {
           const uint8_t* c = q + n * K + g * G;
           for (int64_t k = 0; k < G; ++k) row[k] = static_cast<float>(c[k]) * s + b;
@@ -496,6 +485,7 @@ void dequantize_rows(const uint8_t* q, const float* p, int64_t bits, int64_t K, 
             for (int j = 0; j < L; ++j) row[blk + L + j] = static_cast<float>(c[j] >> 4) * s + b;
           }
         }
+#endif
       }
     }
   });

@@ -71,6 +71,18 @@ inline float lane_sum(const float* a) {
   return s;
 }
 
+// f(p) with p t's data as `const float*`, `const c10::BFloat16*` or `const c10::Half*`; any other dtype is an
+// error whose message starts with `what` ("cpu_kernels: x must be").
+template <typename F>
+void with_float_data(const at::Tensor& t, const char* what, F&& f) {
+  switch (t.scalar_type()) {
+    case at::kFloat: f(t.data_ptr<float>()); break;
+    case at::kBFloat16: f(t.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: f(t.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, what, " float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
 // A kernel's result [M, N] in the input's dtype: the kernel writes float32 to `data`, the result's own
 // storage for float32 (no copy), else a staging buffer that `done()` rounds into the result.
 struct Result {

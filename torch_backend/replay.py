@@ -159,7 +159,8 @@ class GraphReplay:
         same = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and i not in fresh]
         self.same, self.refs = _getter(same), [weakref.ref(inputs[i]) for i in same]
         equal = [i for i, x in enumerate(inputs) if not isinstance(x, torch.Tensor)]
-        self.equal, self.values = _getter(equal), _getter(equal)(inputs)
+        self.equal = _getter(equal)
+        self.values = self.equal(inputs)
         self.alike = [(i, _layout(inputs[i])) for i in sorted(fresh)]
 
     @classmethod
