@@ -90,6 +90,31 @@ def test_generate_under_the_launcher_prints_one_process_text(backend: str) -> No
     assert runs[0].strip() and runs[1] == runs[0]
 
 
+CLOSING = """
+import os, sys
+from torch_backend.distributed import init_world
+world = init_world("cpu")
+import torch._dynamo  # after the group exists, as loading a model with a compiled step imports it
+world.all_sum(__import__("torch").ones(2))
+world.close()
+print(sorted({open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_closed_world_leaves_no_gloo_threads(tmp_path: Path) -> None:
+    """A closed world's process group is gone with its threads, even where torch.compile's imports came
+    after it (they hold `group.WORLD` as default arguments): left running into the interpreter's
+    teardown, gloo's threads aborted a rank now and then ("terminate called without an active exception")."""
+    script = tmp_path / "close.py"
+    script.write_text(CLOSING)
+    proc = subprocess.run([*launcher("torch"), str(script)], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert len(lines) == 2 and not any("gloo" in ln for ln in lines), proc.stdout
+
+
 def test_impossible_layouts_name_the_numbers() -> None:
     with pytest.raises(LayoutError, match="n_heads 4 is not divisible by the world size 3"):
         Layout(0, 3).local_args(CONFIGS["dense_moe"])

@@ -7,6 +7,7 @@ of a tensor-parallel forward, and agreeing on a value (a seed, a command) across
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 from typing import Any
 
@@ -62,6 +63,13 @@ def close_world() -> None:
         dist.destroy_process_group()
 
 
+def _destroy_at_exit() -> None:
+    """The exit handler's teardown: nothing where the run closed its world already (destroying twice
+    raises)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_world(device: str = "auto") -> World | None:
     """The process group of a torchrun launch (WORLD_SIZE > 1), else None. On CUDA each rank takes the
     GPU of its LOCAL_RANK."""
@@ -71,8 +79,14 @@ def init_world(device: str = "auto") -> World | None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        # Imported before the group exists: this module's functions take `group=group.WORLD` as a default
+        # argument, evaluated on import. Imported later (torch.compile's import brings it), they would hold
+        # the group past destroy_process_group, its gloo threads running into the interpreter's teardown,
+        # where they aborted a rank now and then ("terminate called without an active exception").
+        importlib.import_module("torch.distributed.nn.functional")
+
         dist.init_process_group("nccl" if cuda else "gloo")
         # Torn down before the interpreter exits: a process group still running its threads at exit
         # aborts the process ("terminate called without an active exception").
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_destroy_at_exit)
     return World()
