@@ -196,6 +196,31 @@ def test_stacked_entries(bits: int, layout: str) -> None:
         torch.testing.assert_close(stack.mm(x, torch.tensor([e])), alone.mm(x), rtol=0, atol=0)  # an id tensor
 
 
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_expert_gemv_rows_are_their_entries_products(bits: int) -> None:
+    """`expert_gemv`: each row of x against its own entry of a stack (repeated entries, rows at any
+    entry, N off the kernel's blocks of 4), exactly the numbers `quant_gemv` gives that row alone, for
+    float32 and bfloat16 x and scales; ids outside the stack or not one per row are errors that say so."""
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels did not build")
+    rng = np.random.default_rng(11)
+    wq, s, b, _ = _affine(rng, (4, 37, 192), bits, 64)
+    x = torch.from_numpy(rng.standard_normal((5, 192), dtype=np.float32))
+    ids = torch.tensor([3, 0, 3, 1, 2])
+    for dtype in (torch.float32, torch.bfloat16):
+        entries = [(q, sc.to(dtype), bi.to(dtype)) for q, sc, bi in
+                   (_entries(wq[i], s[i], b[i], bits) for i in range(4))]
+        stack = QWeight.from_affine(entries, bits, 64, stacked=True, layout="native")
+        xd = x.to(dtype)
+        got = cpu_kernels.expert_gemv(xd, stack.packed, stack.scales, ids, bits, 64)
+        alone = torch.cat([stack.mm(xd[m : m + 1], int(e)) for m, e in enumerate(ids)])
+        assert got.dtype == dtype and got.shape == (5, 37) and torch.equal(got, alone)
+    with pytest.raises(RuntimeError, match=r"ids\[1\] = 4 is not an entry of 4"):
+        cpu_kernels.expert_gemv(x, stack.packed, stack.scales, torch.tensor([0, 4, 1, 1, 1]), bits, 64)
+    with pytest.raises(RuntimeError, match=r"ids must be contiguous int64 \[5\]"):
+        cpu_kernels.expert_gemv(x, stack.packed, stack.scales, ids[:3], bits, 64)
+
 def test_probe_rejects_kernels_that_misread_the_codes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe gates packed kernels on devices it cannot list: it passes the CPU kernels, refuses
     group sizes and widths they lack, and refuses a kernel whose products are off (here: zeros)."""
@@ -265,6 +290,35 @@ def test_demo_packed_matches_dequantized(demo_quantized: tuple[int, Path]) -> No
     backend = make("torch")
     assert abs(heldout_loss(backend, packed) - heldout_loss(backend, reference)) < 0.005
 
+
+def test_demo_packed_decode_runs_experts_and_shared_in_one_call_each(demo_quantized: tuple[int, Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding packed experts on the CPU: a step's expert slots and the shared expert in one `expert_gemv`
+    call per product (two per MoE layer), with exactly the logits of one product per slot and the shared
+    expert's own (the path for more slots than GATHER_MAX_SLOTS)."""
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels did not build")
+    from backends import make
+
+    from torch_backend import load_model, moe
+
+    _, folder = demo_quantized
+    model, backend = load_model(folder, dtype="float32", device="cpu"), make("torch")
+    tokens = np.load(DEMO / "heldout_tokens.npy").astype(np.int64)[:16].reshape(1, 16)
+    calls: list[int] = []
+    real = cpu_kernels.expert_gemv
+    monkeypatch.setattr(cpu_kernels, "expert_gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+
+    def decode() -> np.ndarray:
+        cache = model.make_cache(1)
+        backend.forward(model, tokens[:, :8], 0, cache)
+        return np.concatenate([backend.forward(model, tokens[:, p : p + 1], p, cache) for p in range(8, 16)], axis=1)
+
+    together = decode()
+    # 8 steps, two calls per MoE layer, each over the token's top-k slots and its shared-expert row
+    assert len(calls) == 2 * 8 * len(model.args.moe_layers) and set(calls) == {1 + model.args.moe_args.top_k}
+    monkeypatch.setattr(moe.Experts, "packed_with_shared", lambda self, *a: None)
+    np.testing.assert_array_equal(decode(), together)
 
 def test_demo_packed_memory(demo_quantized: tuple[int, Path]) -> None:
     from torch_backend import load_model

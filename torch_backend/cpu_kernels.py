@@ -10,7 +10,8 @@ them alike.
   computed as MLX does (y = sum over groups of scale * sum(q x) + bias * sum(x), in float32): exact
   to the affine form, no re-quantization. Codes are MLX's own (0..255 / 0..15), laid out by `pack`;
   `quant_mm` runs products of many rows through the float32 GEMM on that weight (`dequantize`),
-  dequantized a tile at a time.
+  dequantized a tile at a time; `expert_gemv(x, codes, sb, ids, bits, group_size)` takes each row of x
+  against its own entry of a stack of such weights (a decode step's experts and shared expert) in one call.
 - `decode_attention(q, k, v, scale, mask)`: one query per sequence over its cache, float32 math
   (13.5 us against 65-71 for torch's batched products at 256 keys, 8 heads over 2 kv heads of 64).
 
@@ -161,6 +162,11 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], codes.shape[0]))
 
+    @torch.library.register_fake("llama4_cpu::expert_gemv")
+    def _(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, ids: torch.Tensor, bits: int,
+          group_size: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], codes.shape[1]))
+
     @torch.library.register_fake("llama4_cpu::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
@@ -250,3 +256,10 @@ def quant_gemv(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, bits: int
     """x [..., K] @ w.T -> [..., N] for the affine weight held as `pack`ed codes and scales|biases [N, K/G, 2]."""
     y = torch.ops.llama4_cpu.quant_gemv(_rows(x), codes, sb, bits, group_size)  # [M, N]
     return y.view(*x.shape[:-1], -1)  # [M, N] -> [..., N]
+
+
+def expert_gemv(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, ids: torch.Tensor, bits: int,
+                group_size: int) -> torch.Tensor:
+    """Row m of x [M, K] against entry ids[m] of a stack of `pack`ed weights (codes [E, N, K * bits / 8],
+    scales|biases [E, N, K/G, 2]) -> [M, N] in x's dtype, each row as `quant_gemv` computes it alone."""
+    return torch.ops.llama4_cpu.expert_gemv(_rows(x), codes, sb, ids.contiguous(), bits, group_size)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.args import ModelArgs
+from torch_backend import cpu_kernels
 from torch_backend.fused import FusedGroup, FusedModule, linear
 from torch_backend.qweight import entry
 
@@ -189,6 +190,24 @@ class Experts(nn.Module):
         h = swiglu(torch.bmm(xs, gv[e :: E - e]))  # entries e and E: [2, 1, 2F] -> [2, 1, F]
         return torch.bmm(h, out[e :: E - e]).sum(0)  # [2, 1, D] -> [1, D]
 
+    def packed_with_shared(self, routed: torch.Tensor, experts: torch.Tensor,
+                           x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The routed slots (routed [N, D], experts [N]) and the shared expert on x [T, D] -> [N, D] and
+        [T, D], each of the two products one kernel call over all N + T rows (`cpu_kernels.expert_gemv`,
+        every row as its own product computes it), or None where the CPU kernels do not hold both packed
+        groups or there are more than GATHER_MAX_SLOTS slots. Measured on a 2-core x86 CPU, 4 bits: two
+        [512, 768] products 30 us as two calls, 20 as one."""
+        gv, out = (g.quant for g in self.storage) if self.storage is not None else (None, None)
+        if (gv is None or out is None or gv.layout != "native" or out.layout != "native" or gv.packed.dim() != 3
+                or x.device.type != "cpu" or routed.shape[0] > GATHER_MAX_SLOTS):
+            return None
+        n = routed.shape[0]
+        ids = torch.cat([experts.reshape(-1), experts.new_full((x.shape[0],), self.num_experts)])  # [N + T]
+        rows = torch.cat([routed, x])  # [N + T, D]: entry E of each stack is the shared expert
+        h = swiglu(cpu_kernels.expert_gemv(rows, gv.packed, gv.scales, ids, gv.bits, gv.group_size))  # [N + T, F]
+        y = cpu_kernels.expert_gemv(h, out.packed, out.scales, ids, out.bits, out.group_size)  # [N + T, D]
+        return y[:n], y[n:]
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D] (already scaled by the routing score), experts [N] -> [N, D]."""
         if self.packed:
@@ -283,10 +302,11 @@ class MoE(FusedModule):
             both = self.experts.with_shared(routed, experts, x)
             if both is not None:
                 return both.reshape(shape)
-        y = self.experts(routed, experts.reshape(-1))  # [T*k, D]
+        together = self.experts.packed_with_shared(routed, experts, x) if self.experts.packed else None
+        y, shared = together if together is not None else (self.experts(routed, experts.reshape(-1)), None)  # [T*k, D]
         if k > 1:
             y = y.view(-1, k, shape[-1]).sum(dim=1)  # [T*k, D] -> [T, k, D] -> [T, D]
-        return (self._shared(x) + y).reshape(shape)
+        return ((self._shared(x) if shared is None else shared) + y).reshape(shape)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         if self.experts.packed:
