@@ -49,3 +49,19 @@ def test_seeded_uniforms_are_a_pure_function_of_seed_and_index() -> None:
     assert all(0 <= x < 1 for x in draws) and len(set(draws)) == 100
     assert draws != [seeded_uniform(8, i) for i in range(100)]
     assert abs(np.mean([seeded_uniform(1, i) for i in range(20_000)]) - 0.5) < 0.01
+
+
+def test_torch_greedy_ids_are_torchs_argmax_ties_and_nans_first() -> None:
+    """`greedy_ids` (numpy's argmax for float32 CPU logits): torch's argmax, first id on ties and on NaNs,
+    strided rows too, int64 ids; other dtypes go through torch."""
+    torch = __import__("pytest").importorskip("torch")
+    from torch_backend.sample import greedy_ids
+
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    x[1, 40] = x[1, 7] = 50.0  # a tie: the first
+    x[2, 90] = x[2, 30] = float("nan")  # NaNs win, the first of them
+    x[3] = float("-inf")  # all -inf: id 0
+    for logits in (x, x[:, ::3], x.bfloat16()):
+        got = greedy_ids(logits)
+        assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(dim=-1))
+    assert greedy_ids(x).tolist()[1:] == [7, 30, 0]
