@@ -1,5 +1,6 @@
 """The project's CPU kernels (`torch_backend.cpu_kernels`): decode attention against the float32 reference
-math, the order-independence of masked keys, and the fallback when they are switched off.
+math, the order-independence of masked keys, the router's logits and top-k against torch's, and the
+fallback when they are switched off.
 
 (The products are checked in test_torch_packed.py: bfloat16/float16 and MLX's affine 8/4-bit.)
 """
@@ -56,6 +57,38 @@ def test_decode_attention_is_the_float32_math(dtype: torch.dtype, keys: int, hea
             step = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
             assert ((got.double() - want).abs() <= step * want.abs() + 1e-5).all(), err
 
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("experts", [16, 20, 128])
+def test_router_topk_is_the_linear_layers_top_k(dtype: torch.dtype, experts: int) -> None:
+    """`router_topk`: torch's linear + topk, ids equal, values within float32 summation order (bfloat16:
+    the same rounded values), for the weight stored [E, D] and input-major ([D, E] storage's view, as the
+    float32 CPU router keeps it); ties go to the lower id and NaN logits rank first; k is checked."""
+    gen = torch.Generator().manual_seed(experts)
+    x = torch.randn(5, 320, generator=gen).to(dtype)
+    storage = torch.randn(320, experts, generator=gen).to(dtype)
+    for w in (storage.T, storage.T.contiguous()):
+        for k in (1, 2, 4):
+            values, ids = cpu_kernels.router_topk(x, w, k)
+            logits = torch.nn.functional.linear(x, w)
+            want_values, want_ids = torch.topk(logits, k)
+            tol = 2e-6 * float(want_values.float().abs().max())
+            assert values.dtype == dtype and ids.dtype == torch.int64
+            assert (values.float() - want_values.float()).abs().max() <= tol
+            # the ids hold those values (bfloat16 logits tie often among 128 experts, in either order)
+            assert (logits.gather(1, ids).float() - values.float()).abs().max() <= tol
+            if dtype == torch.float32:
+                assert torch.equal(ids, want_ids)
+    w = torch.zeros(experts, 320, dtype=dtype)
+    w[3, 0] = w[7, 0] = 1.0  # experts 3 and 7 tie
+    w[9, 0] = float("nan")
+    x = torch.zeros(1, 320, dtype=dtype)
+    x[0, 0] = 1.0
+    assert cpu_kernels.router_topk(x, w, 3)[1].tolist() == [[9, 3, 7]]
+    with pytest.raises(RuntimeError, match=f"k = {experts + 1} must be in \\[1, {experts}\\]"):
+        cpu_kernels.router_topk(x, w, experts + 1)
 
 @needs_kernels
 def test_masked_keys_change_nothing() -> None:

@@ -1,5 +1,5 @@
-"""The project's own CPU decode kernels (`cpu_gemv.cpp`, `cpu_attention.cpp`, sharing `cpu_kernels.h`),
-built on first use with the machine's C++ compiler (the one `torch.compile` uses) into one library and
+"""The project's own CPU decode kernels (`cpu_gemv.cpp`, `cpu_attention.cpp`, `cpu_router.cpp`, sharing
+`cpu_kernels.h`), built on first use with the machine's C++ compiler (the one `torch.compile` uses) into one library and
 registered as torch operators `torch.ops.llama4_cpu.*`, so eager code and compiled decode steps call
 them alike.
 
@@ -12,6 +12,8 @@ them alike.
   `quant_mm` runs products of many rows through the float32 GEMM on that weight (`dequantize`),
   dequantized a tile at a time; `expert_gemv(x, codes, sb, ids, bits, group_size)` takes each row of x
   against its own entry of a stack of such weights (a decode step's experts and shared expert) in one call.
+- `router_topk(x, w, k)`: a few tokens' router logits (x @ w.T, float32 accumulation, rounded to x's
+  dtype) and their top-k experts, largest first (ties to the lower id), in one call.
 - `decode_attention(q, k, v, scale, mask)`: one query per sequence over its cache, float32 math
   (13.5 us against 65-71 for torch's batched products at 256 keys, 8 heads over 2 kv heads of 64).
 
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_gemv.cpp", HERE / "cpu_attention.cpp")  # compiled together into one library
+SOURCES = (HERE / "cpu_gemv.cpp", HERE / "cpu_attention.cpp", HERE / "cpu_router.cpp")  # one library
 HEADERS = (HERE / "cpu_kernels.h",)
 # Products of up to this many rows take the kernels (decoding, and prefill's expert products); more
 # rows take the GEMM. Measured on a 2-core x86 CPU: quantized [1536, 512] at 16 rows 0.45 ms (8 bits)
@@ -167,6 +169,10 @@ def _register_fakes() -> None:
           group_size: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], codes.shape[1]))
 
+    @torch.library.register_fake("llama4_cpu::router_topk")
+    def _(x: torch.Tensor, w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
+
     @torch.library.register_fake("llama4_cpu::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
@@ -263,3 +269,19 @@ def expert_gemv(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, ids: tor
     """Row m of x [M, K] against entry ids[m] of a stack of `pack`ed weights (codes [E, N, K * bits / 8],
     scales|biases [E, N, K/G, 2]) -> [M, N] in x's dtype, each row as `quant_gemv` computes it alone."""
     return torch.ops.llama4_cpu.expert_gemv(_rows(x), codes, sb, ids.contiguous(), bits, group_size)
+
+
+# Tokens up to this many take `router_topk` (decoding); more take the GEMM and torch's top-k.
+ROUTER_MAX_ROWS = 16
+
+
+def router_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `router_topk` takes x [T, D] and the router weight w [E, D] (a few tokens, CPU, float)."""
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= ROUTER_MAX_ROWS
+            and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not torch.is_grad_enabled() and available())
+
+
+def router_topk(x: torch.Tensor, w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k router logits [T, k] (largest first) and their expert ids [T, k] of x [T, D] against w [E, D]."""
+    return torch.ops.llama4_cpu.router_topk(x, w, k)

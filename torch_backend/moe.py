@@ -293,8 +293,11 @@ class MoE(FusedModule):
         x = x.reshape(-1, shape[-1])  # [T, D]
         k = self.top_k
         w = self._groups[0].weight()
-        logits = self.router(x) if w is None else linear(x, w)  # [T, E], model dtype
-        picked, experts = torch.topk(logits, k, dim=-1)  # each [T, k]
+        if w is not None and cpu_kernels.router_fits(x, w):  # decoding on the CPU: product and top-k in one call
+            picked, experts = cpu_kernels.router_topk(x, w, k)  # each [T, k]
+        else:
+            logits = self.router(x) if w is None else linear(x, w)  # [T, E], model dtype
+            picked, experts = torch.topk(logits, k, dim=-1)  # each [T, k]
         scores = torch.sigmoid(picked.float()).to(x.dtype)  # no softmax, no renormalising
         # input scaled by its score: [T, D] * [T, 1], or [T, 1, D] * [T, k, 1] -> [T*k, D]
         routed = x * scores if k == 1 else (x[:, None, :] * scores[..., None]).reshape(-1, shape[-1])
