@@ -141,3 +141,6 @@ def test_the_compiled_step_replays_between_growths_with_the_eager_logits() -> No
     counts = runner.step.counts
     assert counts["guarded"] + counts["replayed"] == 2 * steps
     assert 2 <= counts["guarded"] <= 8 and counts["replayed"] >= 2 * steps - 8, counts
+    # the growing caches' slot counts are integer inputs: replays passed them as tensors made once
+    boxed = runner.step._replay.boxed
+    assert boxed and all(t.dtype == torch.int64 and t.dim() == 0 for _, t in boxed)

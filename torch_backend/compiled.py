@@ -112,7 +112,8 @@ class CompiledStep:
             dynamo_config.capture_scalar_outputs, fx_config.use_duck_shape = previous
         ran, self._ran = self._ran, []
         # one graph that was the whole step: replayed while its inputs stay the ones just checked
-        self._replay = GraphReplay.check(*ran[0], out, local, {"tokens", "positions"}) if len(ran) == 1 else None
+        self._replay = (GraphReplay.check(*ran[0], out, local, {"tokens", "positions"},
+                                          box_ints=bool(self._options.get("cpp_wrapper"))) if len(ran) == 1 else None)
         return out
 
     def _mark_growing(self, caches: list[Cache]) -> None:
