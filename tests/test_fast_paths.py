@@ -333,38 +333,6 @@ def test_torch_one_token_runs_its_expert_and_the_shared_one_together(monkeypatch
     np.testing.assert_allclose(decode(), together, atol=1e-5, rtol=0)
 
 
-
-@pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
-def test_torch_float_slots_and_shared_expert_in_one_kernel_call_each() -> None:
-    """`float_with_shared` (float32 CPU storage, `cpu_kernels.expert_gemv_float`): each slot through its
-    expert and each token through the shared expert, as the canonical parameters compute them one by one,
-    within float32 summation order; bad ids are errors; bfloat16 storage is not taken."""
-    import torch
-
-    from torch_backend import cpu_kernels
-
-    if not cpu_kernels.available():
-        pytest.skip("the CPU kernels did not build")
-    b = TorchBackend()
-    model = b.build(ARGS, WEIGHTS)
-    ex = model.layers[ARGS.moe_layers[0]].feed_forward.experts
-    sh = model.layers[ARGS.moe_layers[0]].feed_forward.shared_expert
-    rng = np.random.default_rng(5)
-    x = torch.from_numpy(rng.standard_normal((2, ARGS.dim)).astype(np.float32))  # two tokens
-    routed = torch.cat([x * 0.7, x * 0.3])  # top-2 slots: [4, D]
-    experts = torch.tensor([1, ARGS.moe_args.num_experts - 1, 0, 1])
-    with torch.no_grad():
-        got = ex.float_with_shared(routed, experts, x)
-        assert got is not None
-        want_routed = torch.cat([ex._expert(routed[i : i + 1], int(e)) for i, e in enumerate(experts)])
-        torch.testing.assert_close(got[0], want_routed, atol=1e-5, rtol=0)
-        torch.testing.assert_close(got[1], sh(x), atol=1e-5, rtol=0)
-        gv = ex.storage[0].storage
-        with pytest.raises(RuntimeError, match="is not an entry of"):
-            cpu_kernels.expert_gemv_float(x, gv, torch.tensor([0, gv.shape[0]]))
-        bf16 = b.build(ARGS, WEIGHTS, "bfloat16").layers[ARGS.moe_layers[0]].feed_forward.experts
-        assert bf16.float_with_shared(routed.bfloat16(), experts, x.bfloat16()) is None
-
 @pytest.mark.skipif("torch" not in available(), reason="torch is not installed")
 def test_torch_long_prefill_attends_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt of many chunks in one call: the chunked layers' score blocks stay within C x C (memory

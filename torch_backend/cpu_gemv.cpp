@@ -527,57 +527,6 @@ at::Tensor expert_gemv(const at::Tensor& x, const at::Tensor& codes, const at::T
                        bits, G, N, K);
 }
 
-// y [M, N]: row m of x [M, K] times entry ids[m] of a float32 stack stored input-major, w [E, K, N]
-// (y[m] = x[m] @ w[ids[m]], the layout float32 CPU experts keep): `expert_gemv` for float32 experts.
-// Each task holds RC output columns of one row in registers and adds every input's multiple of that
-// stretch of the weight's rows.
-constexpr int64_t RC = 16 * L;  // columns per task: 16 accumulators
-at::Tensor expert_gemv_float(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ids) {
-  TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && w.scalar_type() == at::kFloat,
-              "cpu_kernels: w must be contiguous float32 [E, K, N]");
-  const int64_t E = w.size(0), K = w.size(1), N = w.size(2), M = x.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "cpu_kernels: x must be contiguous float32 [M, ", K, "], got ", x.sizes());
-  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == M && ids.scalar_type() == at::kLong && ids.is_contiguous(),
-              "cpu_kernels: ids must be contiguous int64 [", M, "] (one per row of x), got ", ids.sizes());
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  for (int64_t m = 0; m < M; ++m)
-    TORCH_CHECK(idp[m] >= 0 && idp[m] < E, "cpu_kernels: ids[", m, "] = ", idp[m], " is not an entry of ", E);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t tiles = (N + RC - 1) / RC;
-  at::parallel_for(0, M * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m = t / tiles, n0 = (t % tiles) * RC, n1 = std::min(N, n0 + RC);
-      const float* wm = wp + idp[m] * K * N;
-      const float* xm = xp + m * K;
-      float* out = yp + m * N;
-#ifdef LLAMA4_AVX512
-      if (n1 - n0 == RC) {
-        __m512 acc[RC / L];
-        for (int j = 0; j < RC / L; ++j) acc[j] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; ++k) {
-          const __m512 xk = _mm512_set1_ps(xm[k]);
-          const float* row = wm + k * N + n0;
-          for (int j = 0; j < RC / L; ++j) acc[j] = _mm512_fmadd_ps(xk, _mm512_loadu_ps(row + j * L), acc[j]);
-        }
-        for (int j = 0; j < RC / L; ++j) _mm512_storeu_ps(out + n0 + j * L, acc[j]);
-        continue;
-      }
-#endif
-      std::fill(out + n0, out + n1, 0.f);
-      for (int64_t k = 0; k < K; ++k) {
-        const float xk = xm[k];
-        const float* row = wm + k * N;
-        for (int64_t n = n0; n < n1; ++n) out[n] = std::fma(xk, row[n], out[n]);
-      }
-    }
-  });
-  return y;
-}
-
 // Rows [n0, n1) of MLX's affine weight in float32 (q * scale + bias, as MLX computes it) into `o` (rows K apart).
 void dequantize_rows(const uint8_t* q, const float* p, int64_t bits, int64_t K, int64_t G, int64_t n0, int64_t n1,
                      float* o) {
@@ -673,7 +622,6 @@ TORCH_LIBRARY(llama4_cpu, m) {
   m.def("reduced_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("quant_gemv(Tensor x, Tensor codes, Tensor sb, int bits, int group_size) -> Tensor");
   m.def("expert_gemv(Tensor x, Tensor codes, Tensor sb, Tensor ids, int bits, int group_size) -> Tensor");
-  m.def("expert_gemv_float(Tensor x, Tensor w, Tensor ids) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("dequantize(Tensor codes, Tensor sb, int bits, int group_size) -> Tensor");
   m.def("quant_mm(Tensor x, Tensor codes, Tensor sb, int bits, int group_size) -> Tensor");
@@ -683,7 +631,6 @@ TORCH_LIBRARY_IMPL(llama4_cpu, CPU, m) {
   m.impl("reduced_gemv", &llama4_cpu::reduced_gemv);
   m.impl("quant_gemv", &llama4_cpu::quant_gemv);
   m.impl("expert_gemv", &llama4_cpu::expert_gemv);
-  m.impl("expert_gemv_float", &llama4_cpu::expert_gemv_float);
   m.impl("dequantize", &llama4_cpu::dequantize);
   m.impl("quant_mm", &llama4_cpu::quant_mm);
 }

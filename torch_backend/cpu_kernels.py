@@ -169,10 +169,6 @@ def _register_fakes() -> None:
           group_size: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], codes.shape[1]))
 
-    @torch.library.register_fake("llama4_cpu::expert_gemv_float")
-    def _(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((x.shape[0], w.shape[2]))
-
     @torch.library.register_fake("llama4_cpu::router_topk")
     def _(x: torch.Tensor, w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
@@ -273,11 +269,6 @@ def expert_gemv(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, ids: tor
     """Row m of x [M, K] against entry ids[m] of a stack of `pack`ed weights (codes [E, N, K * bits / 8],
     scales|biases [E, N, K/G, 2]) -> [M, N] in x's dtype, each row as `quant_gemv` computes it alone."""
     return torch.ops.llama4_cpu.expert_gemv(_rows(x), codes, sb, ids.contiguous(), bits, group_size)
-
-
-def expert_gemv_float(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Row m of float32 x [M, K] times entry ids[m] of a float32 stack stored input-major, w [E, K, N] -> [M, N]."""
-    return torch.ops.llama4_cpu.expert_gemv_float(x.contiguous(), w, ids.contiguous())
 
 
 # Tokens up to this many take `router_topk` (decoding); more take the GEMM and torch's top-k.

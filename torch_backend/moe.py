@@ -16,7 +16,7 @@ from torch import nn
 
 from common.args import ModelArgs
 from torch_backend import cpu_kernels
-from torch_backend.fused import FusedGroup, FusedModule, linear, output_major
+from torch_backend.fused import FusedGroup, FusedModule, linear
 from torch_backend.qweight import entry
 
 # Up to this many token slots (decode) each slot reads its own expert's weights directly; larger
@@ -208,24 +208,6 @@ class Experts(nn.Module):
         y = cpu_kernels.expert_gemv(h, out.packed, out.scales, ids, out.bits, out.group_size)  # [N + T, D]
         return y[:n], y[n:]
 
-    def float_with_shared(self, routed: torch.Tensor, experts: torch.Tensor,
-                          x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`packed_with_shared` for float32 CPU storage (input-major [E+1, D, 2F] and [E+1, F, D]) through
-        `cpu_kernels.expert_gemv_float`: the routed slots and the shared expert, one call per product; None
-        where that storage is not there or there are more than GATHER_MAX_SLOTS slots."""
-        if (self.storage is None or x.device.type != "cpu" or x.dtype != torch.float32
-                or routed.shape[0] > GATHER_MAX_SLOTS or not cpu_kernels.available() or self._fused()[0] is None):
-            return None
-        gv, out = (g.storage for g in self.storage)  # [E+1, D, 2F], [E+1, F, D]
-        if (gv is None or out is None or gv.dtype != torch.float32 or gv.dim() != 3 or output_major(gv.device, gv.dtype)
-                or not gv.is_contiguous() or not out.is_contiguous()):
-            return None
-        n = routed.shape[0]
-        ids = torch.cat([experts.reshape(-1), experts.new_full((x.shape[0],), self.num_experts)])  # [N + T]
-        h = swiglu(cpu_kernels.expert_gemv_float(torch.cat([routed, x]), gv, ids))  # [N + T, F]
-        y = cpu_kernels.expert_gemv_float(h, out, ids)  # [N + T, D]
-        return y[:n], y[n:]
-
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D] (already scaled by the routing score), experts [N] -> [N, D]."""
         if self.packed:
@@ -323,8 +305,7 @@ class MoE(FusedModule):
             both = self.experts.with_shared(routed, experts, x)
             if both is not None:
                 return both.reshape(shape)
-        together = (self.experts.packed_with_shared(routed, experts, x) if self.experts.packed
-                    else self.experts.float_with_shared(routed, experts, x))
+        together = self.experts.packed_with_shared(routed, experts, x) if self.experts.packed else None
         y, shared = together if together is not None else (self.experts(routed, experts.reshape(-1)), None)  # [T*k, D]
         if k > 1:
             y = y.view(-1, k, shape[-1]).sum(dim=1)  # [T*k, D] -> [T, k, D] -> [T, D]
