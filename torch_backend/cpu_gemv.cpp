@@ -572,11 +572,11 @@ void dequantize_rows(const uint8_t* q, const float* p, int64_t bits, int64_t K, 
 }
 
 void check_quantized(const at::Tensor& codes, const at::Tensor& sb, int64_t bits, int64_t G) {
-  TORCH_CHECK(bits == 4 || bits == 8, "cpu_kernels: bits must be 4 or 8, got ", bits);
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.scalar_type() == at::kByte,
               "cpu_kernels: codes must be contiguous uint8 [N, K * bits / 8]");
-  const int64_t N = codes.size(0), K = codes.size(1) * 8 / bits;
-  TORCH_CHECK(G % (2 * L) == 0 && K % G == 0 && sb.is_contiguous() && sb.numel() == N * (K / G) * 2,
+  const int64_t N = codes.size(0), K = codes.size(1) * 8 / std::max<int64_t>(bits, 1);
+  check_group(bits, G, K);
+  TORCH_CHECK(sb.is_contiguous() && sb.numel() == N * (K / G) * 2,
               "cpu_kernels: scales|biases must be contiguous [", N, ", ", K / G, ", 2]");
 }
 
