@@ -78,7 +78,8 @@ def test_4bit_product_is_the_affine_weight(group: int, layout: str) -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_native_products_are_mlx_affine_math(bits: int) -> None:
-    """The CPU kernels: float32, bfloat16 and float16 inputs, 1-8 rows, an output count off the kernel's
+    """The CPU kernels: float32, bfloat16 and float16 inputs, 1-13 rows (a row: the quantized blocks; from
+    3 / 6 rows on: dequantized blocks, 13 = two passes of 6 and one row), an output count off the kernel's
     blocks of 4 rows, float32 / bfloat16 scales: MLX's affine product (float32 math) up to float32
     summation order, then the input dtype's rounding; entries of a stack read in place."""
     if not cpu_kernels.available():
@@ -90,7 +91,7 @@ def test_native_products_are_mlx_affine_math(bits: int) -> None:
                    (_entries(wq[i], s[i], b[i], bits) for i in range(2))]
         stack = QWeight.from_affine(entries, bits, 64, stacked=True, layout="native")
         assert stack.packed.shape == (2, 37, 192 * bits // 8) and stack.scales.dtype == scale_dtype
-        for rows in (1, 3, 8):
+        for rows in (1, 3, 8, 13):
             x = torch.from_numpy(rng.standard_normal((rows, 192), dtype=np.float32))
             for e in range(2):
                 wf = entries[e][1].float().repeat_interleave(64, 1) * entries[e][0] \

@@ -2,9 +2,10 @@
 
 On the CPU, where the project's own kernels are built (`torch_backend.cpu_kernels`, layout "native"),
 the weights keep MLX's codes with their per-group scales and biases (in the folder's dtype) and
-products of up to `cpu_kernels.QUANT_MAX_ROWS` rows compute MLX's affine form in float32 with the
-activations in the model's dtype; products of more rows (prefill) dequantize the weight into float32
-and run the float32 GEMM. Elsewhere (layout "torch"), torch's kernels:
+products of up to `cpu_kernels.QUANT_MAX_ROWS` rows run the project's kernels in float32 with the
+activations in the model's dtype (a row or two: MLX's affine form; more: the dequantized weight a
+block at a time); products of more rows (prefill) dequantize the weight into float32 and run the
+float32 GEMM. Elsewhere (layout "torch"), torch's kernels:
 - 4 bits: `torch._weight_int4pack_mm_for_cpu` (CPU) and `torch._weight_int4pack_mm` (CUDA) take int4
   codes with a scale and a zero per group of inputs, w = (q - 8) * scale + zero; MLX's affine
   w = q * scale + bias is that form exactly with zero = bias + 8 * scale (the codes are the same).
