@@ -222,6 +222,36 @@ def test_expert_gemv_rows_are_their_entries_products(bits: int) -> None:
     with pytest.raises(RuntimeError, match=r"ids must be contiguous int64 \[5\]"):
         cpu_kernels.expert_gemv(x, stack.packed, stack.scales, ids[:3], bits, 64)
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_expert_mm_runs_are_their_entries_products(bits: int) -> None:
+    """`expert_mm`: runs of rows against the entries of a stack in order (empty runs, runs of 1-13 rows:
+    both the quantized and the dequantized blocks, entries past counts' end unused), each run exactly
+    the numbers `quant_gemv` gives its rows alone, for float32 and bfloat16 x and scales; counts that
+    do not add up to the rows, negative ones or more than the stack's entries are errors that say so."""
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels did not build")
+    rng = np.random.default_rng(12)
+    wq, s, b, _ = _affine(rng, (5, 37, 192), bits, 64)
+    counts = torch.tensor([2, 0, 13, 1, 7])
+    x = torch.from_numpy(rng.standard_normal((23, 192), dtype=np.float32))
+    for dtype in (torch.float32, torch.bfloat16):
+        entries = [(q, sc.to(dtype), bi.to(dtype)) for q, sc, bi in
+                   (_entries(wq[i], s[i], b[i], bits) for i in range(5))]
+        stack = QWeight.from_affine(entries, bits, 64, stacked=True, layout="native")
+        xd = x.to(dtype)
+        for cs in (counts, counts[:3].clone().add_(torch.tensor([0, 8, 0]))):  # all entries; the first three
+            got = cpu_kernels.expert_mm(xd, stack.packed, stack.scales, cs, bits, 64)
+            starts = [0, *torch.cumsum(cs, 0).tolist()]
+            alone = torch.cat([stack.mm(xd[starts[e] : starts[e + 1]], e) for e in range(len(cs)) if cs[e] > 0])
+            assert got.dtype == dtype and got.shape == (23, 37) and torch.equal(got, alone)
+    with pytest.raises(RuntimeError, match="counts add up to 22 rows, x has 23"):
+        cpu_kernels.expert_mm(x, stack.packed, stack.scales, torch.tensor([2, 0, 12, 1, 7]), bits, 64)
+    with pytest.raises(RuntimeError, match=r"counts\[1\] = -1 is negative"):
+        cpu_kernels.expert_mm(x, stack.packed, stack.scales, torch.tensor([3, -1, 13, 1, 7]), bits, 64)
+    with pytest.raises(RuntimeError, match="at most 5 entries"):
+        cpu_kernels.expert_mm(x, stack.packed, stack.scales, torch.tensor([2, 0, 13, 1, 7, 0]), bits, 64)
+
+
 def test_probe_rejects_kernels_that_misread_the_codes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe gates packed kernels on devices it cannot list: it passes the CPU kernels, refuses
     group sizes and widths they lack, and refuses a kernel whose products are off (here: zeros)."""
@@ -320,6 +350,30 @@ def test_demo_packed_decode_runs_experts_and_shared_in_one_call_each(demo_quanti
     assert len(calls) == 2 * 8 * len(model.args.moe_layers) and set(calls) == {1 + model.args.moe_args.top_k}
     monkeypatch.setattr(moe.Experts, "packed_with_shared", lambda self, *a: None)
     np.testing.assert_array_equal(decode(), together)
+
+def test_demo_packed_prefill_runs_experts_and_shared_in_one_call_each(demo_quantized: tuple[int, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A packed prefill on the CPU: its rows sorted by expert and the shared expert's rows in one `expert_mm`
+    call per product (two per MoE layer), with exactly the logits of one product per expert and the
+    shared expert's own."""
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels did not build")
+    from backends import make
+
+    from torch_backend import load_model, moe
+
+    _, folder = demo_quantized
+    model, backend = load_model(folder, dtype="float32", device="cpu"), make("torch")
+    tokens = np.load(DEMO / "heldout_tokens.npy").astype(np.int64)[:40].reshape(1, 40)
+    calls: list[int] = []
+    real = cpu_kernels.expert_mm
+    monkeypatch.setattr(cpu_kernels, "expert_mm", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    together = backend.forward(model, tokens, 0, model.make_cache(1))
+    top_k = model.args.moe_args.top_k
+    assert len(calls) == 2 * len(model.args.moe_layers) and set(calls) == {40 * (top_k + 1)}
+    monkeypatch.setattr(moe.Experts, "packed_with_shared", lambda self, *a: None)
+    np.testing.assert_array_equal(backend.forward(model, tokens, 0, model.make_cache(1)), together)
+
 
 def test_demo_packed_memory(demo_quantized: tuple[int, Path]) -> None:
     from torch_backend import load_model

@@ -19,6 +19,8 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
+#include <atomic>
+
 namespace llama4_cpu {
 namespace {
 
@@ -319,24 +321,6 @@ void over_rows(int64_t M, int64_t N, int64_t bytes_per_row, int64_t chunk, const
   });
 }
 
-// The same where each row of x meets its own weight (`expert_gemv`): the (row, tile) pairs split over
-// threads in one parallel region, each block holding one row of x.
-template <typename Block>
-void over_row_tiles(int64_t M, int64_t N, int64_t bytes_per_row, const Block& block) {
-  const int64_t blocks = (N + RB - 1) / RB;
-  const int64_t tile = tile_blocks(bytes_per_row);
-  const int64_t tiles = (blocks + tile - 1) / tile;
-  at::parallel_for(0, M * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m = t / tiles, b = (t % tiles) * tile;
-      const int64_t n0 = b * RB, n1 = std::min(N, (b + tile) * RB);
-      const int64_t whole = n0 + (n1 - n0) / RB * RB;
-      if (whole > n0) block(RB, 1, n0, whole, m);
-      if (n1 > whole) block(1, 1, whole, n1, m);
-    }
-  });
-}
-
 // x [M, K] as float32 rows K apart: x's own data where it already is that, else a widened copy in `copy`.
 const float* float_rows(const at::Tensor& x, int64_t K, std::vector<float>& copy) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "cpu_kernels: x must be [M, ", K, "], got ", x.sizes());
@@ -507,110 +491,128 @@ void tile_block(const float* w, const float* x, int64_t K, int64_t n0, int64_t m
 }
 
 // MLX's affine weights as the quantized blocks read them: codes (layout above) and scales|biases
-// [N, K/G, 2], one weight, or a stack of them [E, ...] whose entry for row m of x is ids[m].
+// [N, K/G, 2], one weight, or a stack of them [E, ...].
 struct QuantWeights {
   const uint8_t* codes;
   const at::Tensor& sb;
   int64_t ldq, codes_entry, sb_entry;  // between output rows; between entries (elements)
-  const int64_t* ids;  // null: one weight for every row of x
 };
 
-// y [M, N] (float32) = x [M, K] against one weight, each block of TR output rows dequantized once for all
-// rows of x (`tile_block`); the blocks split over threads.
+// Rows [row, row + rows) of x, which meet entry `entry` of the weights.
+struct Segment {
+  int64_t row, rows, entry;
+};
+
+// Outputs [n_begin, n_end) of a segment's rows against its weight (`codes`, `sb`), each block of TR
+// output rows dequantized once for all the rows (`tile_block`).
 template <typename S>
-void dequantized_product(const float* xp, const QuantWeights& w, const S* sb, int64_t bits, int64_t G, int64_t M,
-                         int64_t N, int64_t K, float* yp) {
-  const int64_t row_bytes = K * bits / 8, groups = K / G;
-  at::parallel_for(0, (N + TR - 1) / TR, tile_blocks(row_bytes), [&](int64_t begin, int64_t end) {
-    std::vector<float> dq(TR * K);  // [TR, K]
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * TR, rows = std::min<int64_t>(TR, N - n0);
-      for (int64_t i = 0; i < rows; ++i)
-        dequantize_row(w.codes + (n0 + i) * w.ldq, sb + (n0 + i) * groups * 2, bits, K, G, dq.data() + i * K);
-      for (int64_t m0 = 0; m0 < M; m0 += TMB) {
-        const int64_t mb = std::min<int64_t>(TMB, M - m0);
-        if (rows == TR) {
+void dequantized_tile(const float* xp, const uint8_t* codes, int64_t ldq, const S* sb, int64_t bits, int64_t G,
+                      int64_t K, const Segment& seg, int64_t n_begin, int64_t n_end, float* yp, int64_t N) {
+  static thread_local std::vector<float> dq;
+  dq.resize(TR * K);  // [TR, K]
+  const int64_t groups = K / G;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += TR) {
+    const int64_t rows = std::min<int64_t>(TR, n_end - n0);
+    for (int64_t i = 0; i < rows; ++i)
+      dequantize_row(codes + (n0 + i) * ldq, sb + (n0 + i) * groups * 2, bits, K, G, dq.data() + i * K);
+    for (int64_t m0 = seg.row; m0 < seg.row + seg.rows; m0 += TMB) {
+      const int64_t mb = std::min<int64_t>(TMB, seg.row + seg.rows - m0);
+      if (rows == TR) {
 #define LLAMA4_TILE(R, Mb) tile_block<R, Mb>(dq.data(), xp, K, n0, m0, yp, N)
-          LLAMA4_TILE_ROWS(mb, LLAMA4_TILE, TR);
+        LLAMA4_TILE_ROWS(mb, LLAMA4_TILE, TR);
 #undef LLAMA4_TILE
-        } else {  // the last rows past whole blocks: one at a time
-          for (int64_t i = 0; i < rows; ++i) {
+      } else {  // the last rows past whole blocks: one at a time
+        for (int64_t i = 0; i < rows; ++i) {
 #define LLAMA4_TILE(R, Mb) tile_block<R, Mb>(dq.data() + i * K, xp, K, n0 + i, m0, yp, N)
-            LLAMA4_TILE_ROWS(mb, LLAMA4_TILE, 1);
+          LLAMA4_TILE_ROWS(mb, LLAMA4_TILE, 1);
 #undef LLAMA4_TILE
-          }
         }
       }
     }
-  });
+  }
 }
 
-// y [M, N] = x [M, K] against `w` in x's dtype: with ids, row m of x against entry ids[m]; else all rows
-// against the one weight, Q8MB / Q4MB rows of x per pass, or from TILE_ROWS_Q4 / TILE_ROWS_Q8 rows on
-// `dequantized_product`.
-at::Tensor quant_product(const at::Tensor& x, const QuantWeights& w, int64_t bits, int64_t G, int64_t N,
-                         int64_t K) {
-  const int64_t M = x.size(0);
+// y [M, N] = x [M, K] against `w` in x's dtype, each segment's rows against its entry: segments of fewer
+// than TILE_ROWS_Q4 / TILE_ROWS_Q8 rows through the quantized blocks (Q4MB / Q8MB rows of x per pass),
+// longer ones through `dequantized_tile`. The work is (segment, tile of about 64 KB of weights) pairs,
+// which the threads take in turn; a segment's numbers depend only on its own rows and entry.
+at::Tensor quant_product(const at::Tensor& x, const QuantWeights& w, const std::vector<Segment>& segments,
+                         int64_t bits, int64_t G, int64_t N, int64_t K) {
+  const int64_t M = x.size(0), groups = K / G;
   std::vector<float> copy;
   const float* xp = float_rows(x, K, copy);
-  if (w.ids == nullptr && M >= (bits == 4 ? TILE_ROWS_Q4 : TILE_ROWS_Q8)) {
-    Result y(M, N, x.options());
-    with_float_data(w.sb, "cpu_kernels: scales must be",
-                    [&](const auto* s) { dequantized_product(xp, w, s, bits, G, M, N, K, y.data); });
-    return y.done();
+  const int64_t tile_rows = bits == 4 ? TILE_ROWS_Q4 : TILE_ROWS_Q8;
+  const bool quantized = std::any_of(segments.begin(), segments.end(), [&](const Segment& g) {
+    return g.rows < tile_rows;
+  });
+  std::vector<float> xs(quantized ? M * groups : 0, 0.f);  // the inputs' group sums [M, K/G]
+  for (const Segment& g : segments) {
+    if (g.rows >= tile_rows) continue;
+    for (int64_t m = g.row; m < g.row + g.rows; ++m)
+      for (int64_t j = 0; j < groups; ++j)
+        for (int64_t k = 0; k < G; ++k) xs[m * groups + j] += xp[m * K + j * G + k];
   }
-  std::vector<float> xs(M * (K / G), 0.f);  // the inputs' group sums [M, K/G]
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < K / G; ++g)
-      for (int64_t k = 0; k < G; ++k) xs[m * (K / G) + g] += xp[m * K + g * G + k];
+#if defined(__AVX512BF16__)
+  // 4 bits with bfloat16 x: VDPBF16PS on x reordered (exact: bfloat16 products are)
+  const bool dot = quantized && bits == 4 && x.scalar_type() == at::kBFloat16 && G % (4 * L) == 0;
+  const std::vector<uint16_t> xq =
+      dot ? permute_q4(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, K) : std::vector<uint16_t>();
+#endif
   Result y(M, N, x.options());
   const float* xsp = xs.data();
   float* yp = y.data;
-  const int64_t ahead = rows_ahead(w.ldq);
-  auto schedule = [&](int64_t bytes_per_row, int64_t chunk, const auto& block) {
-    if (w.ids != nullptr) {
-      over_row_tiles(M, N, bytes_per_row, block);
-    } else {
-      over_rows(M, N, bytes_per_row, chunk, block);
-    }
-  };
+  const int64_t ahead = rows_ahead(w.ldq), bytes_per_row = K * bits / 8;
+  const int64_t blocks = (N + RB - 1) / RB, tile = tile_blocks(bytes_per_row), tiles = (blocks + tile - 1) / tile;
+  const int64_t tasks = static_cast<int64_t>(segments.size()) * tiles;
   auto run = [&](const auto* s) {
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
-    // codes and scales|biases of the weight that row m0 of x meets
-    auto entry = [&](int64_t m0) { return w.ids == nullptr ? 0 : w.ids[m0]; };
-    if (bits == 8) {
-      schedule(K, Q8MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
-        const int64_t e = entry(m0);
-        const Q8Rows rows{w.codes + e * w.codes_entry, w.ldq};
-        const S* p = s + e * w.sb_entry;
+    // Segment `seg` over output rows [n0, n1): blocks of RB rows (and single rows past the last whole
+    // block), the segment's rows `chunk` at a time.
+    auto quantized_tile = [&](const Segment& seg, int64_t n0, int64_t n1, int64_t chunk, const auto& block) {
+      const int64_t whole = n0 + (n1 - n0) / RB * RB;
+      for (int64_t m0 = seg.row; m0 < seg.row + seg.rows; m0 += chunk) {
+        const int64_t mb = std::min<int64_t>(chunk, seg.row + seg.rows - m0);
+        if (whole > n0) block(RB, mb, n0, whole, m0);
+        if (n1 > whole) block(1, mb, whole, n1, m0);
+      }
+    };
+    auto task = [&](int64_t t) {
+      const Segment& seg = segments[t / tiles];
+      const int64_t b = (t % tiles) * tile, n0 = b * RB, n1 = std::min(N, (b + tile) * RB);
+      const uint8_t* codes = w.codes + seg.entry * w.codes_entry;
+      const S* p = s + seg.entry * w.sb_entry;
+      if (seg.rows >= tile_rows) {
+        dequantized_tile(xp, codes, w.ldq, p, bits, G, K, seg, n0, n1, yp, N);
+      } else if (bits == 8) {
+        const Q8Rows rows{codes, w.ldq};
+        quantized_tile(seg, n0, n1, Q8MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_Q8(R, Mb) quant_block<R, Mb, L, Q8Rows, S>(rows, p, xp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
-        LLAMA4_ROWS(r, mb, LLAMA4_Q8);
+          LLAMA4_ROWS(r, mb, LLAMA4_Q8);
 #undef LLAMA4_Q8
-      });
-      return;
-    }
+        });
 #if defined(__AVX512BF16__)
-    if (x.scalar_type() == at::kBFloat16 && G % (4 * L) == 0) {  // exact: bfloat16 products are
-      const std::vector<uint16_t> xq = permute_q4(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, K);
-      const uint16_t* xqp = xq.data();
-      schedule(K / 2, Q4MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
-        const int64_t e = entry(m0);
-        const Q4Rows rows{w.codes + e * w.codes_entry, w.ldq};
-        const S* p = s + e * w.sb_entry;
+      } else if (dot) {
+        const Q4Rows rows{codes, w.ldq};
+        const uint16_t* xqp = xq.data();
+        quantized_tile(seg, n0, n1, Q4MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_Q4DOT(R, Mb) q4_dot_block<R, Mb, S>(rows, p, xqp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
-        LLAMA4_ROWS(r, mb, LLAMA4_Q4DOT);
+          LLAMA4_ROWS(r, mb, LLAMA4_Q4DOT);
 #undef LLAMA4_Q4DOT
-      });
-      return;
-    }
+        });
 #endif
-    schedule(K / 2, Q4MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
-      const int64_t e = entry(m0);
-      const Q4Rows rows{w.codes + e * w.codes_entry, w.ldq};
-      const S* p = s + e * w.sb_entry;
+      } else {
+        const Q4Rows rows{codes, w.ldq};
+        quantized_tile(seg, n0, n1, Q4MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_Q4(R, Mb) quant_block<R, Mb, 2 * L, Q4Rows, S>(rows, p, xp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
-      LLAMA4_ROWS(r, mb, LLAMA4_Q4);
+          LLAMA4_ROWS(r, mb, LLAMA4_Q4);
 #undef LLAMA4_Q4
+        });
+      }
+    };
+    // each thread takes the next task until none is left (segments of different lengths cost differently)
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      for (int64_t t = next++; t < tasks; t = next++) task(t);
     });
   };
   with_float_data(w.sb, "cpu_kernels: scales must be", run);
@@ -631,29 +633,66 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
   check_group(bits, G, K);
   TORCH_CHECK(sb.is_contiguous() && sb.dim() == 3 && sb.size(0) == N && sb.size(1) == K / G && sb.size(2) == 2,
               "cpu_kernels: scales|biases must be contiguous [", N, ", ", K / G, ", 2], got ", sb.sizes());
-  return quant_product(x, {codes.data_ptr<uint8_t>(), sb, codes.stride(0), 0, 0, nullptr}, bits, G, N, K);
+  return quant_product(x, {codes.data_ptr<uint8_t>(), sb, codes.stride(0), 0, 0}, {{0, x.size(0), 0}}, bits, G, N, K);
 }
 
-// y [M, N]: row m of x [M, K] against entry ids[m] of a stack of MLX affine weights, codes [E, N, K * bits / 8]
-// and scales|biases [E, N, K/G, 2]: a decode step's expert slots and its shared expert (the stack's last
-// entry) in one call and one parallel region, each row computed exactly as `quant_gemv` computes it alone.
-// Measured on a 2-core x86 CPU, 4 bits: two [512, 768] products 30 us as two calls, 20 as one.
-at::Tensor expert_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sb, const at::Tensor& ids,
-                       int64_t bits, int64_t G) {
+// A stack of MLX affine weights, codes [E, N, K * bits / 8] and scales|biases [E, N, K/G, 2], as the
+// quantized products read it; N and K out.
+QuantWeights quant_stack(const at::Tensor& codes, const at::Tensor& sb, int64_t bits, int64_t G, int64_t& N,
+                         int64_t& K) {
   TORCH_CHECK(codes.dim() == 3 && codes.is_contiguous() && codes.scalar_type() == at::kByte,
               "cpu_kernels: codes must be contiguous uint8 [E, N, K * bits / 8]");
-  const int64_t E = codes.size(0), N = codes.size(1), K = codes.size(2) * 8 / std::max<int64_t>(bits, 1);
+  const int64_t E = codes.size(0);
+  N = codes.size(1), K = codes.size(2) * 8 / std::max<int64_t>(bits, 1);
   check_group(bits, G, K);
   TORCH_CHECK(sb.is_contiguous() && sb.dim() == 4 && sb.size(0) == E && sb.size(1) == N && sb.size(2) == K / G &&
                   sb.size(3) == 2,
               "cpu_kernels: scales|biases must be contiguous [", E, ", ", N, ", ", K / G, ", 2], got ", sb.sizes());
+  return {codes.data_ptr<uint8_t>(), sb, codes.stride(1), codes.stride(0), sb.stride(0)};
+}
+
+// y [M, N]: row m of x [M, K] against entry ids[m] of a stack of MLX affine weights (`quant_stack`): a
+// decode step's expert slots and its shared expert (the stack's last entry) in one call and one parallel
+// region, each row computed exactly as `quant_gemv` computes it alone. Measured on a 2-core x86 CPU,
+// 4 bits: two [512, 768] products 30 us as two calls, 20 as one.
+at::Tensor expert_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sb, const at::Tensor& ids,
+                       int64_t bits, int64_t G) {
+  int64_t N, K;
+  const QuantWeights w = quant_stack(codes, sb, bits, G, N, K);
+  const int64_t E = codes.size(0);
   TORCH_CHECK(ids.dim() == 1 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong && ids.is_contiguous(),
               "cpu_kernels: ids must be contiguous int64 [", x.size(0), "] (one per row of x), got ", ids.sizes());
   const int64_t* idp = ids.data_ptr<int64_t>();
-  for (int64_t m = 0; m < ids.size(0); ++m)
+  std::vector<Segment> rows;
+  for (int64_t m = 0; m < ids.size(0); ++m) {
     TORCH_CHECK(idp[m] >= 0 && idp[m] < E, "cpu_kernels: ids[", m, "] = ", idp[m], " is not an entry of ", E);
-  return quant_product(x, {codes.data_ptr<uint8_t>(), sb, codes.stride(1), codes.stride(0), sb.stride(0), idp},
-                       bits, G, N, K);
+    rows.push_back({m, 1, idp[m]});
+  }
+  return quant_product(x, w, rows, bits, G, N, K);
+}
+
+// y [M, N]: the rows of x [M, K] in runs, the first counts[0] against entry 0 of a stack of MLX affine
+// weights (`quant_stack`), the next counts[1] against entry 1, and so on (entries past counts' end: none):
+// a prefill's expert products, its rows sorted by expert, in one call and one parallel region, each run
+// computed exactly as `quant_gemv` computes its rows alone.
+at::Tensor expert_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sb, const at::Tensor& counts,
+                     int64_t bits, int64_t G) {
+  int64_t N, K;
+  const QuantWeights w = quant_stack(codes, sb, bits, G, N, K);
+  const int64_t E = codes.size(0);
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) <= E && counts.scalar_type() == at::kLong && counts.is_contiguous(),
+              "cpu_kernels: counts must be contiguous int64 with at most ", E, " entries (rows per entry), got ",
+              counts.scalar_type(), " ", counts.sizes());
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  std::vector<Segment> runs;
+  int64_t row = 0;
+  for (int64_t e = 0; e < counts.size(0); ++e) {
+    TORCH_CHECK(cp[e] >= 0, "cpu_kernels: counts[", e, "] = ", cp[e], " is negative");
+    if (cp[e] > 0) runs.push_back({row, cp[e], e});
+    row += cp[e];
+  }
+  TORCH_CHECK(row == x.size(0), "cpu_kernels: counts add up to ", row, " rows, x has ", x.size(0));
+  return quant_product(x, w, runs, bits, G, N, K);
 }
 
 // Rows [n0, n1) of MLX's affine weight in float32 into `o` (rows K apart).
@@ -717,6 +756,7 @@ TORCH_LIBRARY(llama4_cpu, m) {
   m.def("reduced_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("quant_gemv(Tensor x, Tensor codes, Tensor sb, int bits, int group_size) -> Tensor");
   m.def("expert_gemv(Tensor x, Tensor codes, Tensor sb, Tensor ids, int bits, int group_size) -> Tensor");
+  m.def("expert_mm(Tensor x, Tensor codes, Tensor sb, Tensor counts, int bits, int group_size) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("dequantize(Tensor codes, Tensor sb, int bits, int group_size) -> Tensor");
   m.def("quant_mm(Tensor x, Tensor codes, Tensor sb, int bits, int group_size) -> Tensor");
@@ -726,6 +766,7 @@ TORCH_LIBRARY_IMPL(llama4_cpu, CPU, m) {
   m.impl("reduced_gemv", &llama4_cpu::reduced_gemv);
   m.impl("quant_gemv", &llama4_cpu::quant_gemv);
   m.impl("expert_gemv", &llama4_cpu::expert_gemv);
+  m.impl("expert_mm", &llama4_cpu::expert_mm);
   m.impl("dequantize", &llama4_cpu::dequantize);
   m.impl("quant_mm", &llama4_cpu::quant_mm);
 }

@@ -14,7 +14,9 @@ them alike.
   weight's product, up to float32 summation order, about twice as fast as decoding per pair of rows;
   `quant_mm` runs products of many rows through the float32 GEMM on that weight (`dequantize`),
   dequantized a tile at a time; `expert_gemv(x, codes, sb, ids, bits, group_size)` takes each row of x
-  against its own entry of a stack of such weights (a decode step's experts and shared expert) in one call.
+  against its own entry of a stack of such weights (a decode step's experts and shared expert) in one call,
+  `expert_mm(x, codes, sb, counts, bits, group_size)` runs of rows against the entries (a prefill's rows
+  sorted by expert, and the shared expert) in one call.
 - `router_topk(x, w, k)`: a few tokens' router logits (x @ w.T, float32 accumulation, rounded to x's
   dtype) and their top-k experts, largest first (ties to the lower id), in one call.
 - `decode_attention(q, k, v, scale, mask)`: one query per sequence over its cache, float32 math
@@ -173,6 +175,11 @@ def _register_fakes() -> None:
           group_size: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], codes.shape[1]))
 
+    @torch.library.register_fake("llama4_cpu::expert_mm")
+    def _(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, counts: torch.Tensor, bits: int,
+          group_size: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], codes.shape[1]))
+
     @torch.library.register_fake("llama4_cpu::router_topk")
     def _(x: torch.Tensor, w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
@@ -273,6 +280,15 @@ def expert_gemv(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, ids: tor
     """Row m of x [M, K] against entry ids[m] of a stack of `pack`ed weights (codes [E, N, K * bits / 8],
     scales|biases [E, N, K/G, 2]) -> [M, N] in x's dtype, each row as `quant_gemv` computes it alone."""
     return torch.ops.llama4_cpu.expert_gemv(_rows(x), codes, sb, ids.contiguous(), bits, group_size)
+
+
+def expert_mm(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, counts: torch.Tensor, bits: int,
+              group_size: int) -> torch.Tensor:
+    """The rows of x [M, K] in runs against the entries of a stack of `pack`ed weights (codes [E, N, K * bits
+    / 8], scales|biases [E, N, K/G, 2]): the first counts[0] rows against entry 0, the next counts[1]
+    against entry 1, ... (int64 counts [<= E], adding up to M) -> [M, N] in x's dtype, each run as
+    `quant_gemv` computes its rows alone."""
+    return torch.ops.llama4_cpu.expert_mm(_rows(x), codes, sb, counts.contiguous(), bits, group_size)
 
 
 # Tokens up to this many take `router_topk` (decoding); more take the GEMM and torch's top-k.
