@@ -565,7 +565,17 @@ at::Tensor quant_product(const at::Tensor& x, const QuantWeights& w, const std::
   const float* xsp = xs.data();
   float* yp = y.data;
   const int64_t ahead = rows_ahead(w.ldq), bytes_per_row = K * bits / 8;
-  const int64_t blocks = (N + RB - 1) / RB, tile = tile_blocks(bytes_per_row), tiles = (blocks + tile - 1) / tile;
+  const int64_t blocks = (N + RB - 1) / RB;
+  int64_t tile = tile_blocks(bytes_per_row), tiles = (blocks + tile - 1) / tile;
+  // As many tiles as a multiple of the threads, of equal size, so each thread gets the same share: a 4-bit
+  // [768, 512] weight made 3 tiles of 64 KB, two of them on one of 2 threads (small model's 4-bit decode
+  // step over a greedy decode, both ways timed alternately in one process: 1.72 -> 1.68 ms).
+  if (tiles > 1) {
+    const int64_t threads = at::get_num_threads();
+    tiles = (tiles + threads - 1) / threads * threads;
+    tile = (blocks + tiles - 1) / tiles;
+    tiles = (blocks + tile - 1) / tile;
+  }
   const int64_t tasks = static_cast<int64_t>(segments.size()) * tiles;
   auto run = [&](const auto* s) {
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
