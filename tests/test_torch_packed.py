@@ -322,6 +322,14 @@ def test_demo_packed_matches_dequantized(demo_quantized: tuple[int, Path]) -> No
     assert abs(heldout_loss(backend, packed) - heldout_loss(backend, reference)) < 0.005
 
 
+def _rows_per_call(monkeypatch: pytest.MonkeyPatch, kernel: str) -> list[int]:
+    """The rows of x of each call of `cpu_kernels.<kernel>` from now on (the kernel still runs)."""
+    calls: list[int] = []
+    real = getattr(cpu_kernels, kernel)
+    monkeypatch.setattr(cpu_kernels, kernel, lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    return calls
+
+
 def test_demo_packed_decode_runs_experts_and_shared_in_one_call_each(demo_quantized: tuple[int, Path],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding packed experts on the CPU: a step's expert slots and the shared expert in one `expert_gemv`
@@ -336,9 +344,7 @@ def test_demo_packed_decode_runs_experts_and_shared_in_one_call_each(demo_quanti
     _, folder = demo_quantized
     model, backend = load_model(folder, dtype="float32", device="cpu"), make("torch")
     tokens = np.load(DEMO / "heldout_tokens.npy").astype(np.int64)[:16].reshape(1, 16)
-    calls: list[int] = []
-    real = cpu_kernels.expert_gemv
-    monkeypatch.setattr(cpu_kernels, "expert_gemv", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    calls = _rows_per_call(monkeypatch, "expert_gemv")
 
     def decode() -> np.ndarray:
         cache = model.make_cache(1)
@@ -365,9 +371,7 @@ def test_demo_packed_prefill_runs_experts_and_shared_in_one_call_each(demo_quant
     _, folder = demo_quantized
     model, backend = load_model(folder, dtype="float32", device="cpu"), make("torch")
     tokens = np.load(DEMO / "heldout_tokens.npy").astype(np.int64)[:40].reshape(1, 40)
-    calls: list[int] = []
-    real = cpu_kernels.expert_mm
-    monkeypatch.setattr(cpu_kernels, "expert_mm", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    calls = _rows_per_call(monkeypatch, "expert_mm")
     together = backend.forward(model, tokens, 0, model.make_cache(1))
     top_k = model.args.moe_args.top_k
     assert len(calls) == 2 * len(model.args.moe_layers) and set(calls) == {40 * (top_k + 1)}

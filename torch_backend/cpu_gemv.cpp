@@ -300,24 +300,29 @@ void quant_block(const Rows& w, const S* sb, const float* x, const float* xs, in
   }
 }
 
-// Runs `block(R, Mb, n_begin, n_end, m0)` over all output rows (split over threads, in tiles of about
-// 64 KB of weights that stay in cache while every chunk of x's rows passes over them) and all rows of x.
-// Rows in a call: a multiple of R (RB, and 1 for the rows past the last whole block).
+// Runs `block(R, Mb, n_begin, n_end, m0)` over output rows [n0, n1) and rows [row, row + rows) of x,
+// `chunk` rows of x at a time. Rows in a call: a multiple of R (RB, and 1 for the rows past the last
+// whole block).
+template <typename Block>
+void over_tile(int64_t row, int64_t rows, int64_t n0, int64_t n1, int64_t chunk, const Block& block) {
+  const int64_t whole = n0 + (n1 - n0) / RB * RB;
+  for (int64_t m0 = row; m0 < row + rows; m0 += chunk) {
+    const int64_t mb = std::min<int64_t>(chunk, row + rows - m0);
+    if (whole > n0) block(RB, mb, n0, whole, m0);
+    if (n1 > whole) block(1, mb, whole, n1, m0);
+  }
+}
+
+// `over_tile` over all output rows (split over threads, in tiles of about 64 KB of weights that stay
+// in cache while every chunk of x's rows passes over them) and all M rows of x.
 template <typename Block>
 void over_rows(int64_t M, int64_t N, int64_t bytes_per_row, int64_t chunk, const Block& block) {
   const int64_t blocks = (N + RB - 1) / RB;
   const int64_t tile = tile_blocks(bytes_per_row);
   // a tile per task at least: smaller products run on one thread
   at::parallel_for(0, blocks, tile, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; b += tile) {
-      const int64_t n0 = b * RB, n1 = std::min(N, std::min(end, b + tile) * RB);
-      const int64_t whole = n0 + (n1 - n0) / RB * RB;
-      for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-        const int64_t mb = std::min<int64_t>(chunk, M - m0);
-        if (whole > n0) block(RB, mb, n0, whole, m0);
-        if (n1 > whole) block(1, mb, whole, n1, m0);
-      }
-    }
+    for (int64_t b = begin; b < end; b += tile)
+      over_tile(0, M, b * RB, std::min(N, std::min(end, b + tile) * RB), chunk, block);
   });
 }
 
@@ -579,16 +584,6 @@ at::Tensor quant_product(const at::Tensor& x, const QuantWeights& w, const std::
   const int64_t tasks = static_cast<int64_t>(segments.size()) * tiles;
   auto run = [&](const auto* s) {
     using S = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
-    // Segment `seg` over output rows [n0, n1): blocks of RB rows (and single rows past the last whole
-    // block), the segment's rows `chunk` at a time.
-    auto quantized_tile = [&](const Segment& seg, int64_t n0, int64_t n1, int64_t chunk, const auto& block) {
-      const int64_t whole = n0 + (n1 - n0) / RB * RB;
-      for (int64_t m0 = seg.row; m0 < seg.row + seg.rows; m0 += chunk) {
-        const int64_t mb = std::min<int64_t>(chunk, seg.row + seg.rows - m0);
-        if (whole > n0) block(RB, mb, n0, whole, m0);
-        if (n1 > whole) block(1, mb, whole, n1, m0);
-      }
-    };
     auto task = [&](int64_t t) {
       const Segment& seg = segments[t / tiles];
       const int64_t b = (t % tiles) * tile, n0 = b * RB, n1 = std::min(N, (b + tile) * RB);
@@ -598,7 +593,7 @@ at::Tensor quant_product(const at::Tensor& x, const QuantWeights& w, const std::
         dequantized_tile(xp, codes, w.ldq, p, bits, G, K, seg, n0, n1, yp, N);
       } else if (bits == 8) {
         const Q8Rows rows{codes, w.ldq};
-        quantized_tile(seg, n0, n1, Q8MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+        over_tile(seg.row, seg.rows, n0, n1, Q8MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_Q8(R, Mb) quant_block<R, Mb, L, Q8Rows, S>(rows, p, xp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
           LLAMA4_ROWS(r, mb, LLAMA4_Q8);
 #undef LLAMA4_Q8
@@ -607,7 +602,7 @@ at::Tensor quant_product(const at::Tensor& x, const QuantWeights& w, const std::
       } else if (dot) {
         const Q4Rows rows{codes, w.ldq};
         const uint16_t* xqp = xq.data();
-        quantized_tile(seg, n0, n1, Q4MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+        over_tile(seg.row, seg.rows, n0, n1, Q4MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_Q4DOT(R, Mb) q4_dot_block<R, Mb, S>(rows, p, xqp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
           LLAMA4_ROWS(r, mb, LLAMA4_Q4DOT);
 #undef LLAMA4_Q4DOT
@@ -615,7 +610,7 @@ at::Tensor quant_product(const at::Tensor& x, const QuantWeights& w, const std::
 #endif
       } else {
         const Q4Rows rows{codes, w.ldq};
-        quantized_tile(seg, n0, n1, Q4MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
+        over_tile(seg.row, seg.rows, n0, n1, Q4MB, [&](int r, int64_t mb, int64_t n_begin, int64_t n_end, int64_t m0) {
 #define LLAMA4_Q4(R, Mb) quant_block<R, Mb, 2 * L, Q4Rows, S>(rows, p, xp, xsp, K, G, n_begin, n_end, m0, yp, N, ahead)
           LLAMA4_ROWS(r, mb, LLAMA4_Q4);
 #undef LLAMA4_Q4
