@@ -105,6 +105,29 @@ def test_masked_keys_change_nothing() -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 48])
+def test_hidden_keys_are_never_read(dtype: torch.dtype, head_dim: int) -> None:
+    """Visible slots 5..25 (a hole at 9) of 40, per row another span: NaN keys and values in every
+    hidden slot give the very numbers of finite ones (the kernel reads only the visible span)."""
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn((2, 1, 4, head_dim), generator=gen).to(dtype)
+    k, v = (torch.randn((2, 2, 40, head_dim), generator=gen).to(dtype) for _ in range(2))
+    mask = torch.zeros((2, 40), dtype=torch.bool)
+    mask[0, 5:26] = True
+    mask[0, 9] = False
+    mask[1, 17:40] = True
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    hidden = ~mask[:, None, :, None].expand_as(k)
+    poisoned_k[hidden], poisoned_v[hidden] = float("nan"), float("nan")
+    want = cpu_kernels.decode_attention(q, k, v, 0.125, mask)
+    got = cpu_kernels.decode_attention(q, poisoned_k, poisoned_v, 0.125, mask)
+    assert torch.isfinite(want.float()).all() and torch.equal(got, want)
+    ref = _reference(q, k, v, 0.125, mask)
+    assert (want.double() - ref).abs().max() <= (2e-6 if dtype == torch.float32 else 2e-2)
+
+
+@needs_kernels
 def test_extreme_scores_stay_finite() -> None:
     """Scores far apart (one key dominating by 1e4) and far below zero: a softmax without overflow."""
     q = torch.zeros((1, 1, 1, 16))

@@ -10,6 +10,22 @@ namespace {
 // computes it (float32: scores of q * scale, softmax, probabilities times values): q [B, H, d], k and v
 // [B, KV, S, d] (unit stride along d), `mask` [B, S] (true: may attend) or undefined (all may) ->
 // [B, H * d] in q's dtype. Query heads h read kv head h / (H / KV). One task per (sequence, kv head).
+// The slots from the first to the last visible one, [lo, hi); every slot where nothing is visible.
+inline std::pair<int64_t, int64_t> visible_span(const bool* mask, int64_t S) {
+  if (mask == nullptr) return {0, S};
+  int64_t lo = 0, hi = S;
+  while (lo < S && !mask[lo]) ++lo;
+  while (hi > lo && !mask[hi - 1]) --hi;
+  return lo < hi ? std::pair<int64_t, int64_t>{lo, hi} : std::pair<int64_t, int64_t>{0, S};
+}
+
+// One query per sequence against its cached keys, as `torch_backend.attention.decode_attention`
+// computes it (float32: scores of q * scale, softmax, probabilities times values): q [B, H, d], k and v
+// [B, KV, S, d] (unit stride along d), `mask` [B, S] (true: may attend) or undefined (all may) ->
+// [B, H * d] in q's dtype. Query heads h read kv head h / (H / KV). One task per (sequence, kv head).
+// Only the slots between the first and the last visible one are read: a decode step's caches reserve
+// slots ahead (a compiled step attends over all of them, masked), and a hidden key's probability is an
+// exact zero, so leaving it out changes no number.
 template <typename T>
 void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask, int64_t mask_ld,
                  double scale, float* out) {
@@ -17,10 +33,13 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2),
                 vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  constexpr float hidden = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qs(G * d), scores(G * S), acc(G * d), row(d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KV, kv = task % KV;
+      const bool* mb = mask == nullptr ? nullptr : mask + b * mask_ld;
+      const auto [lo, hi] = visible_span(mb, S);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = 0; i < d; ++i)
           qs[g * d + i] = widen(qp[b * qs0 + (kv * G + g) * qs1 + i]) * static_cast<float>(scale);
@@ -29,31 +48,40 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 #ifdef LLAMA4_AVX512
       if (d % L == 0 && d <= 8 * L) {  // vectors: a key or value row in at most 8 registers
         const int64_t nv = d / L;
-        for (int64_t j = 0; j < S; ++j) {
+        // Key j always adds into lane j % 16 (the last, partial vector masked), so keys hidden by the
+        // mask add exact zeros: a masked row over a longer cache sums exactly as the visible keys alone.
+        // The vectors that hold [lo, hi) keep those lanes; their slots outside it score -inf.
+        const int64_t first = lo / L * L, last = std::min(S, (hi + L - 1) / L * L);
+        for (int64_t g = 0; g < G; ++g) {
+          std::fill(scores.data() + g * S + first, scores.data() + g * S + lo, hidden);
+          std::fill(scores.data() + g * S + hi, scores.data() + g * S + last, hidden);
+        }
+        for (int64_t j = lo; j < hi; ++j) {
+          if (mb != nullptr && !mb[j]) {
+            for (int64_t g = 0; g < G; ++g) scores[g * S + j] = hidden;
+            continue;
+          }
           __m512 kr[8];
           for (int64_t i = 0; i < nv; ++i) kr[i] = load16(kb + j * ks2 + i * L);
-          const bool visible = mask == nullptr || mask[b * mask_ld + j];
           for (int64_t g = 0; g < G; ++g) {
             __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qs.data() + g * d), kr[0]);
             for (int64_t i = 1; i < nv; ++i) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qs.data() + g * d + i * L), kr[i], dot);
-            scores[g * S + j] = visible ? _mm512_reduce_add_ps(dot) : -std::numeric_limits<float>::infinity();
+            scores[g * S + j] = _mm512_reduce_add_ps(dot);
           }
         }
         for (int64_t g = 0; g < G; ++g) {
           float* sc = scores.data() + g * S;
-          const float top = *std::max_element(sc, sc + S);
-          // Key j always adds into lane j % 16 (the last, partial vector masked), so keys hidden by the
-          // mask add exact zeros: a masked row over a longer cache sums exactly as the visible keys alone.
+          const float top = *std::max_element(sc + lo, sc + hi);
           __m512 total = _mm512_setzero_ps();
-          for (int64_t j = 0; j < S; j += L) {
-            const __mmask16 live = S - j >= L ? __mmask16(0xFFFF) : __mmask16((1u << (S - j)) - 1);
+          for (int64_t j = first; j < last; j += L) {
+            const __mmask16 live = last - j >= L ? __mmask16(0xFFFF) : __mmask16((1u << (last - j)) - 1);
             const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sc + j), _mm512_set1_ps(top)));
             _mm512_mask_storeu_ps(sc + j, live, e);
             total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
           }
           const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(total));
-          for (int64_t j = 0; j < S; j += L) {
-            const __mmask16 live = S - j >= L ? __mmask16(0xFFFF) : __mmask16((1u << (S - j)) - 1);
+          for (int64_t j = first; j < last; j += L) {
+            const __mmask16 live = last - j >= L ? __mmask16(0xFFFF) : __mmask16((1u << (last - j)) - 1);
             _mm512_mask_storeu_ps(sc + j, live, _mm512_div_ps(_mm512_maskz_loadu_ps(live, sc + j), sum));
           }
         }
@@ -61,7 +89,8 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
           __m512 a[8];
           for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_setzero_ps();
           const float* sc = scores.data() + g * S;
-          for (int64_t j = 0; j < S; ++j) {
+          for (int64_t j = lo; j < hi; ++j) {
+            if (mb != nullptr && !mb[j]) continue;
             const __m512 pj = _mm512_set1_ps(sc[j]);
             for (int64_t i = 0; i < nv; ++i) a[i] = _mm512_fmadd_ps(pj, load16(vb + j * vs2 + i * L), a[i]);
           }
@@ -70,28 +99,34 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         continue;
       }
 #endif
-      for (int64_t j = 0; j < S; ++j) {
-        const bool visible = mask == nullptr || mask[b * mask_ld + j];
-        for (int64_t i = 0; i < d; ++i) row[i] = widen(kb[j * ks2 + i]);
+      for (int64_t j = lo; j < hi; ++j) {
+        const bool visible = mb == nullptr || mb[j];
+        if (visible)
+          for (int64_t i = 0; i < d; ++i) row[i] = widen(kb[j * ks2 + i]);
         for (int64_t g = 0; g < G; ++g) {
+          if (!visible) {
+            scores[g * S + j] = hidden;
+            continue;
+          }
           float lanes[L] = {};
           int64_t i = 0;
           for (; i + L <= d; i += L)
             for (int l = 0; l < L; ++l) lanes[l] += qs[g * d + i + l] * row[i + l];
           float dot = lane_sum(lanes);
           for (; i < d; ++i) dot += qs[g * d + i] * row[i];
-          scores[g * S + j] = visible ? dot : -std::numeric_limits<float>::infinity();
+          scores[g * S + j] = dot;
         }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = 0; g < G; ++g) {  // softmax over the keys
         float* sc = scores.data() + g * S;
-        const float top = *std::max_element(sc, sc + S);
+        const float top = *std::max_element(sc + lo, sc + hi);
         float total = 0.f;
-        for (int64_t j = 0; j < S; ++j) total += (sc[j] = std::exp(sc[j] - top));
-        for (int64_t j = 0; j < S; ++j) sc[j] /= total;
+        for (int64_t j = lo; j < hi; ++j) total += (sc[j] = std::exp(sc[j] - top));
+        for (int64_t j = lo; j < hi; ++j) sc[j] /= total;
       }
-      for (int64_t j = 0; j < S; ++j) {
+      for (int64_t j = lo; j < hi; ++j) {
+        if (mb != nullptr && !mb[j]) continue;
         for (int64_t i = 0; i < d; ++i) row[i] = widen(vb[j * vs2 + i]);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * S + j];
