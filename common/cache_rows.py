@@ -29,24 +29,27 @@ class CacheRows:
     @property
     def offsets(self) -> np.ndarray:
         """Positions absorbed by each row, int64 [B]."""
+        if self._offsets is None:  # rows advanced together since the array was last read
+            self._offsets = np.full(self._batch, self._same, dtype=np.int64)
         return self._offsets
 
     @offsets.setter
     def offsets(self, value: np.ndarray) -> None:
-        self._offsets = np.asarray(value, dtype=np.int64)
+        self._offsets: np.ndarray | None = np.asarray(value, dtype=np.int64)
+        self._batch = len(self._offsets)
         first = int(self._offsets[0])
         # The shared offset as a plain int while rows move together: a decode step of one prompt
         # checks and advances it without numpy calls.
         self._same: int | None = first if (self._offsets == first).all() else None
 
     def advance_together(self, end: int) -> None:
-        """Every row now holds positions 0 .. end-1."""
-        self._offsets[:] = end
-        self._same = end
+        """Every row now holds positions 0 .. end-1 (the array of offsets is made when next read: a
+        decode loop advances every layer's cache each step and rarely reads them)."""
+        self._same, self._offsets = end, None
 
     @property
     def batch_size(self) -> int:
-        return len(self._offsets)
+        return self._batch
 
     @property
     def offset(self) -> int:
