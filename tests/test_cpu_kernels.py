@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -205,3 +206,51 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
                          LLAMA4_KERNEL_CACHE=str(cache))
     assert out.returncode == 0, out.stderr[-2000:]
     assert lib.stat().st_size > 4096
+
+
+@needs_kernels
+def test_expert_mm_float_runs_are_their_entries_products() -> None:
+    """`expert_mm_float`: runs of rows against a float32 input-major stack [E, K, N] in order (empty runs,
+    1 to 16 rows through the project's tiles, 17 and 40 through the GEMM library; N past whole tiles of 64,
+    K not a multiple of 16; entries past counts' end unused) within float32 rounding of the float64
+    products; counts that do not add up, negative ones or more than the stack's entries are errors."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn((6, 200, 150), generator=gen)  # [E, K, N]
+    counts = torch.tensor([3, 0, 17, 1, 40, 16])
+    x = torch.randn((77, 200), generator=gen)
+    for cs in (counts, torch.tensor([3, 0, 74])):
+        got = cpu_kernels.expert_mm_float(x, w, cs)
+        starts = [0, *torch.cumsum(cs, 0).tolist()]
+        want = torch.cat([x[starts[e] : starts[e + 1]].double() @ w[e].double() for e in range(len(cs))])
+        assert got.dtype == torch.float32 and got.shape == (77, 150)
+        assert (got.double() - want).abs().max() <= 2e-6 * 200**0.5 * want.abs().max()
+    with pytest.raises(RuntimeError, match="counts add up to 76 rows, x has 77"):
+        cpu_kernels.expert_mm_float(x, w, torch.tensor([3, 0, 16, 1, 40, 16]))
+    with pytest.raises(RuntimeError, match=r"counts\[1\] = -1 is negative"):
+        cpu_kernels.expert_mm_float(x, w, torch.tensor([4, -1, 17, 1, 40, 16]))
+    with pytest.raises(RuntimeError, match="at most 6 entries"):
+        cpu_kernels.expert_mm_float(x, w, torch.tensor([3, 0, 17, 1, 40, 16, 0]))
+    with pytest.raises(RuntimeError, match="contiguous float32 w"):
+        cpu_kernels.expert_mm_float(x, w.transpose(1, 2), counts)
+
+
+@needs_kernels
+def test_float32_prefill_runs_experts_and_shared_in_one_call_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 prefill on the CPU: the slots sorted by expert and the shared expert's rows in one
+    `expert_mm_float` call per product (two per MoE layer), logits within 1e-5 of the grouped products'
+    path (`torch._grouped_mm` and the shared expert on its own)."""
+    from backends import TorchBackend
+    from tiny import CONFIGS, random_weights
+
+    from torch_backend import moe
+
+    args = CONFIGS["all_moe"]
+    model, backend = TorchBackend().build(args, random_weights(args, seed=2)), TorchBackend()
+    tokens = np.arange(3, 43, dtype=np.int64).reshape(1, 40) % args.vocab_size
+    calls: list[int] = []
+    real = cpu_kernels.expert_mm_float
+    monkeypatch.setattr(cpu_kernels, "expert_mm_float", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    together = backend.forward(model, tokens, 0, model.make_cache(1))
+    assert len(calls) == 2 * len(args.moe_layers) and set(calls) == {40 * (args.moe_args.top_k + 1)}
+    monkeypatch.setattr(moe.Experts, "float_with_shared", lambda self, *a: None)
+    np.testing.assert_allclose(backend.forward(model, tokens, 0, model.make_cache(1)), together, rtol=0, atol=1e-5)

@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_gemv.cpp", HERE / "cpu_attention.cpp", HERE / "cpu_router.cpp")  # one library
+SOURCES = (HERE / "cpu_gemv.cpp", HERE / "cpu_attention.cpp", HERE / "cpu_router.cpp",
+           HERE / "cpu_expert_mm.cpp")  # one library
 HEADERS = (HERE / "cpu_kernels.h",)
 # Products of up to this many rows take the kernels (decoding, and prefill's expert products); more
 # rows take the GEMM. Measured on a 2-core x86 CPU: bfloat16 [*, 512] weights at 4 rows 16.8 GB/s
@@ -180,6 +181,10 @@ def _register_fakes() -> None:
           group_size: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], codes.shape[1]))
 
+    @torch.library.register_fake("llama4_cpu::expert_mm_float")
+    def _(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], w.shape[2]))
+
     @torch.library.register_fake("llama4_cpu::router_topk")
     def _(x: torch.Tensor, w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
@@ -289,6 +294,20 @@ def expert_mm(x: torch.Tensor, codes: torch.Tensor, sb: torch.Tensor, counts: to
     against entry 1, ... (int64 counts [<= E], adding up to M) -> [M, N] in x's dtype, each run as
     `quant_gemv` computes its rows alone."""
     return torch.ops.llama4_cpu.expert_mm(_rows(x), codes, sb, counts.contiguous(), bits, group_size)
+
+
+def expert_float_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `expert_mm_float` takes rows of x [M, K] against the stack w [E, K, N] (float32 on the CPU,
+    the stack contiguous: the input-major storage of float32 CPU experts)."""
+    return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.dim() == 3 and w.is_contiguous()
+            and x.shape[-1] == w.shape[1] and not torch.is_grad_enabled() and available())
+
+
+def expert_mm_float(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The rows of x [M, K] in runs against the entries of the float32 stack w [E, K, N] (see
+    `expert_float_fits`): the first counts[0] rows against w[0], the next counts[1] against w[1], ... (int64
+    counts [<= E], adding up to M) -> [M, N]; runs of more than 16 rows through the GEMM library."""
+    return torch.ops.llama4_cpu.expert_mm_float(x, w, counts.contiguous())
 
 
 # Tokens up to this many take `router_topk` (decoding); more take the GEMM and torch's top-k.

@@ -218,6 +218,31 @@ class Experts(nn.Module):
         y = cpu_kernels.expert_mm(h, out.packed, out.scales, counts, out.bits, out.group_size)  # [N + T, D]
         return torch.empty_like(y[:n]).index_copy_(0, order, y[:n]), y[n:]  # slots back in their order
 
+    def float_with_shared(self, routed: torch.Tensor, experts: torch.Tensor,
+                          x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A prefill's routed slots (routed [N, D], experts [N]) and the shared expert on x [T, D] -> [N, D] and
+        [T, D] for float32 experts on the CPU: the slots sorted by expert, each of the two products one
+        `cpu_kernels.expert_mm_float` call over every run of rows (the shared expert's last), whose few-row
+        runs stream each expert's weight once where a GEMM library reads it at a fraction of the memory's
+        speed. Measured on a 2-core x86 CPU, the small model's 128-token float32 prefill: 50 ms against 68
+        through `torch._grouped_mm` (both timed alternately in one process). None where it does not apply
+        (decoding: GATHER_MAX_SLOTS or fewer slots)."""
+        # input-major storage: gate|value [E+1, D, 2F], output [E+1, F, D]
+        gv, out = (g.storage for g in self.storage) if self.storage is not None else (None, None)
+        n = routed.shape[0]
+        if (gv is None or out is None or n <= GATHER_MAX_SLOTS or self._fused()[0] is None
+                or not cpu_kernels.expert_float_fits(routed, gv) or out.dtype != torch.float32
+                or not out.is_contiguous() or out.shape[1] * 2 != gv.shape[2]):
+            return None
+        experts = experts.reshape(-1)
+        order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
+        counts[-1] = x.shape[0]  # [E + 1]: the shared expert (entry E) takes every token, after the slots
+        rows = torch.cat([routed[order], x])  # [N + T, D]
+        h = swiglu(cpu_kernels.expert_mm_float(rows, gv, counts))  # [N + T, 2F] -> [N + T, F]
+        y = cpu_kernels.expert_mm_float(h, out, counts)  # [N + T, D]
+        return torch.empty_like(y[:n]).index_copy_(0, order, y[:n]), y[n:]  # slots back in their order
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D] (already scaled by the routing score), experts [N] -> [N, D]."""
         if self.packed:
@@ -315,7 +340,8 @@ class MoE(FusedModule):
             both = self.experts.with_shared(routed, experts, x)
             if both is not None:
                 return both.reshape(shape)
-        together = self.experts.packed_with_shared(routed, experts, x) if self.experts.packed else None
+        together = (self.experts.packed_with_shared(routed, experts, x) if self.experts.packed
+                    else self.experts.float_with_shared(routed, experts, x))
         y, shared = together if together is not None else (self.experts(routed, experts.reshape(-1)), None)  # [T*k, D]
         if k > 1:
             y = y.view(-1, k, shape[-1]).sum(dim=1)  # [T*k, D] -> [T, k, D] -> [T, D]
