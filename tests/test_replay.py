@@ -85,6 +85,32 @@ def test_a_replay_runs_while_the_inputs_are_the_checked_ones() -> None:
         assert replay(_local(model, caches, torch.tensor([7]))) is None
 
 
+def test_a_replay_takes_new_caches_laid_out_as_the_checked_ones() -> None:
+    """With the caches rebindable, another cache whose tensors have the checked layout (a new generation)
+    replays with its own tensors, which become the checked ones; a cache of another layout or kind, or a
+    replaced weight, does not replay."""
+
+    class _Ring(_Cache):
+        pass
+
+    model, caches = _Model(), [_Cache(3)]
+    local = _local(model, caches, torch.tensor([1]))
+    inputs = gatherer(NAMES, local)(local)
+    outputs = _step(*inputs)
+    replay = GraphReplay.check(Graph(_step, NAMES), inputs, outputs, outputs[0], local, {"tokens"},
+                               rebind_locals={"cache"}, kinds=lambda loc: tuple(map(type, loc["cache"])))
+    new = [_Cache(3)]
+    new[0].keys += 2.0
+    expected = _step(torch.tensor([7]), model.proj.weight, model.table.rows, 6, new[0].keys, 3)[0]
+    assert torch.equal(replay(_local(model, new, torch.tensor([7]))), expected)
+    assert replay.refs[-1]() is new[0].keys  # now the checked one
+    assert replay(_local(model, caches, torch.tensor([7]))) is not None  # and back: the same layout
+    assert replay(_local(model, [_Cache(4)], torch.tensor([7]))) is None  # another layout
+    assert replay(_local(model, [_Ring(3)], torch.tensor([7]))) is None  # another kind of cache
+    model.proj.weight = torch.nn.Parameter(torch.ones(4, 4))  # not a cache's: never rebound
+    assert replay(_local(model, caches, torch.tensor([7]))) is None
+
+
 def test_a_replay_keeps_no_finished_cache_alive() -> None:
     import gc
     import weakref
@@ -123,7 +149,8 @@ def test_the_compiled_step_replays_between_growths_with_the_eager_logits() -> No
     model = TorchBackend().build(args, random_weights(args, seed=3))
     runner = DecodeRunner(model, graphs=False, compiled=True)
     prompt, steps = [5, 17, 33, 2, 90, 41, 7], 300  # past the global cache's first growth (256 reserved ahead)
-    for generation in range(2):  # a second generation: new caches, guarded once, then replayed
+    guarded = []
+    for generation in range(2):  # a second generation: new caches, replayed from its first step
         eager, compiled = model.make_cache(1), model.make_cache(1)
         with torch.inference_mode():
             for c in (eager, compiled):
@@ -138,9 +165,43 @@ def test_the_compiled_step_replays_between_growths_with_the_eager_logits() -> No
                 worst = max(worst, float((a - b).abs().max()))
                 token = a.argmax(-1)
         assert worst < 1e-5, f"generation {generation}: max |replayed - eager| {worst}"
+        guarded.append(runner.step.counts["guarded"] - sum(guarded))
+    # the second generation's growth replays the first's check (its first step is checked again: the rotation
+    # table the first step read grew during the first generation)
+    assert guarded[0] >= 2 and guarded[1] == guarded[0] - 1, guarded
     counts = runner.step.counts
     assert counts["guarded"] + counts["replayed"] == 2 * steps
     assert 2 <= counts["guarded"] <= 8 and counts["replayed"] >= 2 * steps - 8, counts
     # the growing caches' slot counts are integer inputs: replays passed them as tensors made once
-    boxed = runner.step._replay.boxed
+    boxed = runner.step._replays[0].boxed
     assert boxed and all(t.dtype == torch.int64 and t.dim() == 0 for _, t in boxed)
+
+
+def test_a_new_generation_replays_from_its_first_step() -> None:
+    """Generations of one prompt length: only the first ever goes through dynamo's guards; the others'
+    caches take the checked ones' places (`GraphReplay._rebind`), with the eager path's logits."""
+    from backends import TorchBackend
+    from tiny import CONFIGS, random_weights
+
+    from common.datatypes import TransformerInput
+    from torch_backend.graphs import DecodeRunner
+
+    torch._dynamo.reset()
+    args = CONFIGS["dense_moe"]
+    model = TorchBackend().build(args, random_weights(args, seed=4))
+    runner = DecodeRunner(model, graphs=False, compiled=True)
+    prompt = [5, 17, 33, 2, 90, 41, 7]
+    for _ in range(3):  # generations
+        eager, compiled = model.make_cache(1), model.make_cache(1)
+        with torch.inference_mode():
+            for c in (eager, compiled):
+                logits = model(TransformerInput(tokens=torch.tensor([prompt]), tokens_position=0), cache=c).logits
+            token = logits[:, -1].argmax(-1)
+            for position in range(len(prompt), len(prompt) + 6):
+                a = model(TransformerInput(tokens=token[:, None], tokens_position=position), cache=eager).logits[:, 0]
+                b = runner(compiled, 1, token, np.array([position]))
+                for c in compiled:
+                    c.advance_together(position + 1)
+                assert float((a - b).abs().max()) < 1e-5
+                token = a.argmax(-1)
+    assert runner.step.counts == {"guarded": 1, "replayed": 17}

@@ -32,6 +32,7 @@ from torch_backend.model import Cache, Transformer
 from torch_backend.replay import Graph, GraphReplay
 
 Step = Callable[[torch.Tensor, torch.Tensor, list[Cache]], torch.Tensor]
+KEPT_REPLAYS = 4
 
 
 class CompiledStep:
@@ -49,7 +50,9 @@ class CompiledStep:
                          "alignment_asserts": False, "scalar_asserts": False}
         self._compiled: Step | None = torch.compile(model.decode_rows, backend=self._backend, dynamic=False)
         self._ran: list[tuple[Graph, tuple, Any]] = []  # the graphs the current guarded call ran
-        self._replay: GraphReplay | None = None
+        # The replays of the latest guarded calls, the most recent first: a new generation's caches start
+        # as small as the previous generation's started, so its first steps replay an earlier check.
+        self._replays: list[GraphReplay] = []
         self.counts = {"guarded": 0, "replayed": 0}
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -80,10 +83,12 @@ class CompiledStep:
         mkldnn = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
         try:
-            if self._replay is not None:
-                out = self._replay(local)
+            for i, replay in enumerate(self._replays):
+                out = replay(local)
                 if out is not None:
                     self.counts["replayed"] += 1
+                    if i:
+                        self._replays.insert(0, self._replays.pop(i))
                     return out
             return self._guarded(local)
         finally:
@@ -113,8 +118,11 @@ class CompiledStep:
             dynamo_config.capture_scalar_outputs, fx_config.use_duck_shape = previous
         ran, self._ran = self._ran, []
         # one graph that was the whole step: replayed while its inputs stay the ones just checked
-        self._replay = (GraphReplay.check(*ran[0], out, local, {"tokens", "positions"},
-                                          box_ints=bool(self._options.get("cpp_wrapper"))) if len(ran) == 1 else None)
+        replay = (GraphReplay.check(*ran[0], out, local, {"tokens", "positions"},
+                                    box_ints=bool(self._options.get("cpp_wrapper")), rebind_locals={"cache"},
+                                    kinds=_cache_kinds) if len(ran) == 1 else None)
+        if replay is not None:
+            self._replays = [replay, *self._replays[: KEPT_REPLAYS - 1]]
         return out
 
     def _mark_growing(self, caches: list[Cache]) -> None:
@@ -126,6 +134,12 @@ class CompiledStep:
             if isinstance(c, KVCache) and c.keys is not None:  # a chunk ring keeps its size
                 torch._dynamo.maybe_mark_dynamic(c.keys, 2)
                 torch._dynamo.maybe_mark_dynamic(c.values, 2)
+
+
+def _cache_kinds(local: dict[str, Any]) -> tuple:
+    """What a step's graph assumes of its caches besides their tensors' layouts: each one's type, rows and
+    chunk size (a ring's slot arithmetic is traced with it), in layer order."""
+    return tuple((type(c), c.batch_size, getattr(c, "chunk_size", None)) for c in local["cache"])
 
 
 def _compiler_failure(e: Exception) -> bool:
