@@ -211,7 +211,7 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
 @needs_kernels
 def test_expert_mm_float_runs_are_their_entries_products() -> None:
     """`expert_mm_float`: runs of rows against a float32 input-major stack [E, K, N] in order (empty runs,
-    1 to 16 rows through the project's tiles, 17 and 40 through the GEMM library; N past whole tiles of 64,
+    1 to 40 rows; N past whole tiles of 64,
     K not a multiple of 16; entries past counts' end unused) within float32 rounding of the float64
     products; counts that do not add up, negative ones or more than the stack's entries are errors."""
     gen = torch.Generator().manual_seed(4)
@@ -235,10 +235,10 @@ def test_expert_mm_float_runs_are_their_entries_products() -> None:
 
 
 @needs_kernels
-def test_float32_prefill_runs_experts_and_shared_in_one_call_each(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A float32 prefill on the CPU: the slots sorted by expert and the shared expert's rows in one
-    `expert_mm_float` call per product (two per MoE layer), logits within 1e-5 of the grouped products'
-    path (`torch._grouped_mm` and the shared expert on its own)."""
+def test_float32_prefill_runs_the_experts_in_one_call_per_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 prefill on the CPU: the slots sorted by expert in one `expert_mm_float` call per product (two
+    per MoE layer), logits within 1e-5 of the grouped products' path (`torch._grouped_mm`); a prompt of more
+    than FLOAT_RUN_ROWS slots per expert takes the grouped products."""
     from backends import TorchBackend
     from tiny import CONFIGS, random_weights
 
@@ -246,11 +246,15 @@ def test_float32_prefill_runs_experts_and_shared_in_one_call_each(monkeypatch: p
 
     args = CONFIGS["all_moe"]
     model, backend = TorchBackend().build(args, random_weights(args, seed=2)), TorchBackend()
-    tokens = np.arange(3, 43, dtype=np.int64).reshape(1, 40) % args.vocab_size
+    n = moe.FLOAT_RUN_ROWS * args.moe_args.num_experts // args.moe_args.top_k  # tokens: 16 slots per expert
+    tokens = np.arange(3, 3 + n + 1, dtype=np.int64).reshape(1, n + 1) % args.vocab_size
     calls: list[int] = []
     real = cpu_kernels.expert_mm_float
     monkeypatch.setattr(cpu_kernels, "expert_mm_float", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
-    together = backend.forward(model, tokens, 0, model.make_cache(1))
-    assert len(calls) == 2 * len(args.moe_layers) and set(calls) == {40 * (args.moe_args.top_k + 1)}
-    monkeypatch.setattr(moe.Experts, "float_with_shared", lambda self, *a: None)
-    np.testing.assert_allclose(backend.forward(model, tokens, 0, model.make_cache(1)), together, rtol=0, atol=1e-5)
+    runs = backend.forward(model, tokens[:, :n], 0, model.make_cache(1))
+    assert len(calls) == 2 * len(args.moe_layers) and set(calls) == {n * args.moe_args.top_k}
+    backend.forward(model, tokens, 0, model.make_cache(1))  # one more token: past the runs' limit
+    assert len(calls) == 2 * len(args.moe_layers)
+    monkeypatch.setattr(moe.Experts, "_float_runs", lambda self, *a: None)
+    grouped = backend.forward(model, tokens[:, :n], 0, model.make_cache(1))
+    np.testing.assert_allclose(grouped, runs, rtol=0, atol=1e-5)

@@ -6,14 +6,13 @@
 // [512, 1536]: 11 GB/s against 28 at one row). Here a tile of 64 outputs holds up to 4 rows' sums in
 // registers while the weight's rows stream past once (prefetched ahead: rows N floats apart are too far
 // apart for the hardware's stride prefetcher); a run of more rows passes over the tile again from cache.
-// Runs of more than GEMM_ROWS rows (a shared expert's, a long prompt's) go to the GEMM library, which is
-// faster there (same shapes: 24 rows 4.3 against 3.6 ms over 16 experts, 64 rows 7.2 against 7.7).
+// Every row's sums run in input order whatever its run's length, so a row's numbers do not depend on
+// which other rows a call holds (past about 16 rows a run, the GEMM library is as fast or faster:
+// the caller decides by the whole call's rows, `torch_backend.moe.FLOAT_RUN_ROWS`).
 //
 // Shapes: M rows of x, K inputs, N outputs, E experts.
 
 #include "cpu_kernels.h"
-
-#include <ATen/ops/mm.h>
 
 #include <atomic>
 
@@ -22,7 +21,6 @@ namespace {
 
 constexpr int64_t NT = 64;       // outputs per tile: four vectors
 constexpr int XB = 4;            // rows of x per pass over a tile
-constexpr int64_t GEMM_ROWS = 16;
 constexpr int64_t KC = 16;       // inputs per pass: the tiles of a task take turns over each 16 weight rows
 constexpr int64_t AHEAD_K = 24;  // weight rows prefetched ahead
 
@@ -96,13 +94,6 @@ at::Tensor expert_mm_float(const at::Tensor& x, const at::Tensor& w, const at::T
   TORCH_CHECK(row == M, "cpu_kernels: counts add up to ", row, " rows, x has ", M);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
-  const auto long_run = [](const Run& r) { return r.rows > GEMM_ROWS; };
-  for (const Run& r : runs)
-    if (long_run(r)) {
-      at::Tensor out = y.narrow(0, r.row, r.rows);
-      at::mm_out(out, xc.narrow(0, r.row, r.rows), w[r.entry]);
-    }
-  runs.erase(std::remove_if(runs.begin(), runs.end(), long_run), runs.end());
   const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // A task is a run's outputs, whole where there are runs enough for the threads: the tiles then walk each

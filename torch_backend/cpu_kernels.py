@@ -306,7 +306,7 @@ def expert_float_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 def expert_mm_float(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The rows of x [M, K] in runs against the entries of the float32 stack w [E, K, N] (see
     `expert_float_fits`): the first counts[0] rows against w[0], the next counts[1] against w[1], ... (int64
-    counts [<= E], adding up to M) -> [M, N]; runs of more than 16 rows through the GEMM library."""
+    counts [<= E], adding up to M) -> [M, N]; each row's numbers independent of the other rows."""
     return torch.ops.llama4_cpu.expert_mm_float(x, w, counts.contiguous())
 
 

@@ -25,6 +25,9 @@ GATHER_MAX_SLOTS = 4
 # Where grouped products are not available, accelerators gather up to this many slots' weights
 # (a decode step of up to 16 rows of top-4), so decoding never waits on the host.
 GATHER_MAX_SLOTS_ACCELERATOR = 64
+# Float32 prefills on the CPU with up to this many slots per expert on average run the project's expert
+# products (`Experts._float_runs`); past that (long prompts) the GEMM library is as fast.
+FLOAT_RUN_ROWS = 16
 
 
 def swiglu(gate_value: torch.Tensor) -> torch.Tensor:
@@ -218,30 +221,24 @@ class Experts(nn.Module):
         y = cpu_kernels.expert_mm(h, out.packed, out.scales, counts, out.bits, out.group_size)  # [N + T, D]
         return torch.empty_like(y[:n]).index_copy_(0, order, y[:n]), y[n:]  # slots back in their order
 
-    def float_with_shared(self, routed: torch.Tensor, experts: torch.Tensor,
-                          x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A prefill's routed slots (routed [N, D], experts [N]) and the shared expert on x [T, D] -> [N, D] and
-        [T, D] for float32 experts on the CPU: the slots sorted by expert, each of the two products one
-        `cpu_kernels.expert_mm_float` call over every run of rows (the shared expert's last), whose few-row
-        runs stream each expert's weight once where a GEMM library reads it at a fraction of the memory's
-        speed. Measured on a 2-core x86 CPU, the small model's 128-token float32 prefill: 50 ms against 68
-        through `torch._grouped_mm` (both timed alternately in one process). None where it does not apply
-        (decoding: GATHER_MAX_SLOTS or fewer slots)."""
-        # input-major storage: gate|value [E+1, D, 2F], output [E+1, F, D]
+    def _float_runs(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
+        """A prefill's slots (x [N, D], experts [N]) on float32 experts on the CPU -> [N, D]: sorted by expert,
+        each of the two products one `cpu_kernels.expert_mm_float` call over every expert's run of rows, which
+        streams each expert's weight once where a GEMM library reads it at a fraction of the memory's speed.
+        Measured on a 2-core x86 CPU, the small model's 128-token float32 prefill: 50-51 ms against 68-73 through
+        `torch._grouped_mm` (both timed alternately in one process). None where it does not apply: other
+        storage, or more than FLOAT_RUN_ROWS slots per expert on average (a long prompt: the GEMM library is
+        as fast there)."""
         gv, out = (g.storage for g in self.storage) if self.storage is not None else (None, None)
-        n = routed.shape[0]
-        if (gv is None or out is None or n <= GATHER_MAX_SLOTS or self._fused()[0] is None
-                or not cpu_kernels.expert_float_fits(routed, gv) or out.dtype != torch.float32
+        if (gv is None or out is None or experts.numel() > FLOAT_RUN_ROWS * self.num_experts
+                or not cpu_kernels.expert_float_fits(x, gv) or out.dtype != torch.float32
                 or not out.is_contiguous() or out.shape[1] * 2 != gv.shape[2]):
-            return None
-        experts = experts.reshape(-1)
+            return None  # input-major storage: gate|value [E+1, D, 2F], output [E+1, F, D]
         order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
-        counts = torch.zeros(self.num_experts + 1, dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
-        counts[-1] = x.shape[0]  # [E + 1]: the shared expert (entry E) takes every token, after the slots
-        rows = torch.cat([routed[order], x])  # [N + T, D]
-        h = swiglu(cpu_kernels.expert_mm_float(rows, gv, counts))  # [N + T, 2F] -> [N + T, F]
-        y = cpu_kernels.expert_mm_float(h, out, counts)  # [N + T, D]
-        return torch.empty_like(y[:n]).index_copy_(0, order, y[:n]), y[n:]  # slots back in their order
+        counts = torch.zeros(self.num_experts, dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
+        h = swiglu(cpu_kernels.expert_mm_float(x[order], gv, counts))  # [N, 2F] -> [N, F]
+        y = cpu_kernels.expert_mm_float(h, out, counts)  # [N, D] in expert order
+        return torch.empty_like(y).index_copy_(0, order, y)  # rows back in slot order
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D] (already scaled by the routing score), experts [N] -> [N, D]."""
@@ -249,6 +246,9 @@ class Experts(nn.Module):
             return self._quantized(x, experts)
         gv, out = self._fused()
         few_on_cpu = x.device.type == "cpu" and experts.numel() <= GATHER_MAX_SLOTS  # decoding on the CPU
+        runs = None if gv is None or out is None or few_on_cpu else self._float_runs(x, experts)
+        if runs is not None:
+            return runs
         if gv is not None and out is not None and not few_on_cpu and grouped_fits(x, gv, out):
             return grouped_experts(x, experts, gv[:-1], out[:-1])  # entries 0 .. E-1 (E is the shared expert)
         if x.device.type != "cpu" and experts.numel() <= GATHER_MAX_SLOTS_ACCELERATOR:
@@ -340,8 +340,7 @@ class MoE(FusedModule):
             both = self.experts.with_shared(routed, experts, x)
             if both is not None:
                 return both.reshape(shape)
-        together = (self.experts.packed_with_shared(routed, experts, x) if self.experts.packed
-                    else self.experts.float_with_shared(routed, experts, x))
+        together = self.experts.packed_with_shared(routed, experts, x) if self.experts.packed else None
         y, shared = together if together is not None else (self.experts(routed, experts.reshape(-1)), None)  # [T*k, D]
         if k > 1:
             y = y.view(-1, k, shape[-1]).sum(dim=1)  # [T*k, D] -> [T, k, D] -> [T, D]
