@@ -1,8 +1,9 @@
 """The project's CPU kernels (`torch_backend.cpu_kernels`): decode attention against the float32 reference
-math, the order-independence of masked keys, the router's logits and top-k against torch's, and the
-fallback when they are switched off.
+math, the order-independence of masked keys (and that hidden slots are never read), the router's logits
+and top-k against torch's, float32 prefill expert runs against float64 and against the grouped-products
+path, and the fallback when they are switched off.
 
-(The products are checked in test_torch_packed.py: bfloat16/float16 and MLX's affine 8/4-bit.)
+(The other products are checked in test_torch_packed.py: bfloat16/float16 and MLX's affine 8/4-bit.)
 """
 
 from __future__ import annotations
