@@ -357,11 +357,12 @@ def test_demo_packed_decode_runs_experts_and_shared_in_one_call_each(demo_quanti
     monkeypatch.setattr(moe.Experts, "packed_with_shared", lambda self, *a: None)
     np.testing.assert_array_equal(decode(), together)
 
-def test_demo_packed_prefill_runs_experts_and_shared_in_one_call_each(demo_quantized: tuple[int, Path],
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """A packed prefill on the CPU: its rows sorted by expert and the shared expert's rows in one `expert_mm`
-    call per product (two per MoE layer), with exactly the logits of one product per expert and the
-    shared expert's own."""
+@pytest.mark.parametrize("length", [40, 80])
+def test_demo_packed_prefill_runs_experts_and_shared_in_one_call_each(
+        demo_quantized: tuple[int, Path], monkeypatch: pytest.MonkeyPatch, length: int) -> None:
+    """A packed prefill on the CPU: its rows sorted by expert in one `expert_mm` call per product (two per MoE
+    layer), with the shared expert's rows as the last run up to QUANT_MAX_ROWS tokens and on their own past
+    that, with exactly the logits of one product per expert and the shared expert's own."""
     if not cpu_kernels.available():
         pytest.skip("the CPU kernels did not build")
     from backends import make
@@ -370,11 +371,12 @@ def test_demo_packed_prefill_runs_experts_and_shared_in_one_call_each(demo_quant
 
     _, folder = demo_quantized
     model, backend = load_model(folder, dtype="float32", device="cpu"), make("torch")
-    tokens = np.load(DEMO / "heldout_tokens.npy").astype(np.int64)[:40].reshape(1, 40)
+    tokens = np.load(DEMO / "heldout_tokens.npy").astype(np.int64)[:length].reshape(1, length)
     calls = _rows_per_call(monkeypatch, "expert_mm")
     together = backend.forward(model, tokens, 0, model.make_cache(1))
     top_k = model.args.moe_args.top_k
-    assert len(calls) == 2 * len(model.args.moe_layers) and set(calls) == {40 * (top_k + 1)}
+    shared_rows = 0 if length > cpu_kernels.QUANT_MAX_ROWS else length
+    assert len(calls) == 2 * len(model.args.moe_layers) and set(calls) == {length * top_k + shared_rows}
     monkeypatch.setattr(moe.Experts, "packed_with_shared", lambda self, *a: None)
     np.testing.assert_array_equal(backend.forward(model, tokens, 0, model.make_cache(1)), together)
 

@@ -215,11 +215,16 @@ class Experts(nn.Module):
             return y[:n], y[n:]
         order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
         counts = torch.zeros(self.num_experts + 1, dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
-        counts[-1] = x.shape[0]  # [E + 1]: the shared expert (entry E) takes every token, after the slots
-        rows = torch.cat([routed[order], x])  # [N + T, D]
-        h = swiglu(cpu_kernels.expert_mm(rows, gv.packed, gv.scales, counts, gv.bits, gv.group_size))  # [N + T, F]
-        y = cpu_kernels.expert_mm(h, out.packed, out.scales, counts, out.bits, out.group_size)  # [N + T, D]
-        return torch.empty_like(y[:n]).index_copy_(0, order, y[:n]), y[n:]  # slots back in their order
+        # The shared expert (entry E) takes every token, after the slots; past QUANT_MAX_ROWS tokens it runs
+        # on its own, where the GEMM on the dequantized weight is faster (`cpu_kernels.quant_mm`; the small
+        # model's 128-token prefill, 4 bits: 40.2 -> 38.9 ms, 8 bits: 44.5 -> 43.4).
+        apart = x.shape[0] > cpu_kernels.QUANT_MAX_ROWS
+        counts[-1] = 0 if apart else x.shape[0]  # [E + 1]
+        rows = routed[order] if apart else torch.cat([routed[order], x])  # [N (+ T), D]
+        h = swiglu(cpu_kernels.expert_mm(rows, gv.packed, gv.scales, counts, gv.bits, gv.group_size))  # [N (+ T), F]
+        y = cpu_kernels.expert_mm(h, out.packed, out.scales, counts, out.bits, out.group_size)  # [N (+ T), D]
+        shared = self.quantized_expert(x, self.num_experts) if apart else y[n:]
+        return torch.empty_like(y[:n]).index_copy_(0, order, y[:n]), shared  # slots back in their order
 
     def _float_runs(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
         """A prefill's slots (x [N, D], experts [N]) on float32 experts on the CPU -> [N, D]: sorted by expert,
