@@ -175,6 +175,8 @@ def test_the_compiled_step_replays_between_growths_with_the_eager_logits() -> No
     # the growing caches' slot counts are integer inputs: replays passed them as tensors made once
     boxed = runner.step._replays[0].boxed
     assert boxed and all(t.dtype == torch.int64 and t.dim() == 0 for _, t in boxed)
+    # in inference mode the replays called inductor's generated callable directly
+    assert all(r.direct is not None for r in runner.step._replays)
 
 
 def test_a_new_generation_replays_from_its_first_step() -> None:
