@@ -77,21 +77,7 @@ at::Tensor expert_mm_float(const at::Tensor& x, const at::Tensor& w, const at::T
               "cpu_kernels: expert_mm_float takes float32 x [M, K] and contiguous float32 w [E, K, N], got ",
               x.scalar_type(), " ", x.sizes(), " and ", w.scalar_type(), " ", w.sizes());
   const int64_t E = w.size(0), K = w.size(1), N = w.size(2), M = x.size(0);
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) <= E && counts.scalar_type() == at::kLong && counts.is_contiguous(),
-              "cpu_kernels: counts must be contiguous int64 with at most ", E, " entries (rows per entry), got ",
-              counts.scalar_type(), " ", counts.sizes());
-  const int64_t* cp = counts.data_ptr<int64_t>();
-  struct Run {
-    int64_t row, rows, entry;
-  };
-  std::vector<Run> runs;
-  int64_t row = 0;
-  for (int64_t e = 0; e < counts.size(0); ++e) {
-    TORCH_CHECK(cp[e] >= 0, "cpu_kernels: counts[", e, "] = ", cp[e], " is negative");
-    if (cp[e] > 0) runs.push_back({row, cp[e], e});
-    row += cp[e];
-  }
-  TORCH_CHECK(row == M, "cpu_kernels: counts add up to ", row, " rows, x has ", M);
+  const std::vector<Segment> runs = runs_of(counts, E, M);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
@@ -105,7 +91,7 @@ at::Tensor expert_mm_float(const at::Tensor& x, const at::Tensor& w, const at::T
   const int64_t tasks = static_cast<int64_t>(runs.size()) * ((N + task_n - 1) / task_n);
   auto task = [&](int64_t t) {
     const int64_t split = (N + task_n - 1) / task_n;
-    const Run& run = runs[t / split];
+    const Segment& run = runs[t / split];
     const float* we = wp + run.entry * K * N;
     const int64_t n_begin = (t % split) * task_n, n_end = std::min(N, n_begin + task_n);
     const int64_t whole = n_begin + (n_end - n_begin) / NT * NT;

@@ -507,10 +507,6 @@ struct QuantWeights {
 };
 
 // Rows [row, row + rows) of x, which meet entry `entry` of the weights.
-struct Segment {
-  int64_t row, rows, entry;
-};
-
 // Outputs [n_begin, n_end) of a segment's rows against its weight (`codes`, `sb`), each block of TR
 // output rows dequantized once for all the rows (`tile_block`).
 template <typename S>
@@ -687,20 +683,7 @@ at::Tensor expert_mm(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                      int64_t bits, int64_t G) {
   int64_t N, K;
   const QuantWeights w = quant_stack(codes, sb, bits, G, N, K);
-  const int64_t E = codes.size(0);
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) <= E && counts.scalar_type() == at::kLong && counts.is_contiguous(),
-              "cpu_kernels: counts must be contiguous int64 with at most ", E, " entries (rows per entry), got ",
-              counts.scalar_type(), " ", counts.sizes());
-  const int64_t* cp = counts.data_ptr<int64_t>();
-  std::vector<Segment> runs;
-  int64_t row = 0;
-  for (int64_t e = 0; e < counts.size(0); ++e) {
-    TORCH_CHECK(cp[e] >= 0, "cpu_kernels: counts[", e, "] = ", cp[e], " is negative");
-    if (cp[e] > 0) runs.push_back({row, cp[e], e});
-    row += cp[e];
-  }
-  TORCH_CHECK(row == x.size(0), "cpu_kernels: counts add up to ", row, " rows, x has ", x.size(0));
-  return quant_product(x, w, runs, bits, G, N, K);
+  return quant_product(x, w, runs_of(counts, codes.size(0), x.size(0)), bits, G, N, K);
 }
 
 // Rows [n0, n1) of MLX's affine weight in float32 into `o` (rows K apart).

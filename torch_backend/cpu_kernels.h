@@ -108,4 +108,26 @@ struct Result {
   }
 };
 
+// A run of rows [row, row + rows) of x against entry `entry` of a stack of weights.
+struct Segment {
+  int64_t row, rows, entry;
+};
+
+// The non-empty runs of `counts` (int64 [<= E]: rows per entry, in entry order), checked to add up to M rows.
+inline std::vector<Segment> runs_of(const at::Tensor& counts, int64_t E, int64_t M) {
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) <= E && counts.scalar_type() == at::kLong && counts.is_contiguous(),
+              "cpu_kernels: counts must be contiguous int64 with at most ", E, " entries (rows per entry), got ",
+              counts.scalar_type(), " ", counts.sizes());
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  std::vector<Segment> runs;
+  int64_t row = 0;
+  for (int64_t e = 0; e < counts.size(0); ++e) {
+    TORCH_CHECK(cp[e] >= 0, "cpu_kernels: counts[", e, "] = ", cp[e], " is negative");
+    if (cp[e] > 0) runs.push_back({row, cp[e], e});
+    row += cp[e];
+  }
+  TORCH_CHECK(row == M, "cpu_kernels: counts add up to ", row, " rows, x has ", M);
+  return runs;
+}
+
 }  // namespace llama4_cpu
