@@ -6,10 +6,6 @@
 namespace llama4_cpu {
 namespace {
 
-// One query per sequence against its cached keys, as `torch_backend.attention.decode_attention`
-// computes it (float32: scores of q * scale, softmax, probabilities times values): q [B, H, d], k and v
-// [B, KV, S, d] (unit stride along d), `mask` [B, S] (true: may attend) or undefined (all may) ->
-// [B, H * d] in q's dtype. Query heads h read kv head h / (H / KV). One task per (sequence, kv head).
 // The slots from the first to the last visible one, [lo, hi); every slot where nothing is visible.
 inline std::pair<int64_t, int64_t> visible_span(const bool* mask, int64_t S) {
   if (mask == nullptr) return {0, S};

@@ -14,8 +14,6 @@
 
 #include "cpu_kernels.h"
 
-#include <atomic>
-
 namespace llama4_cpu {
 namespace {
 
@@ -88,9 +86,8 @@ at::Tensor expert_mm_float(const at::Tensor& x, const at::Tensor& w, const at::T
   const int64_t threads = at::get_num_threads(), n_runs = std::max<int64_t>(1, runs.size());
   const int64_t per_run = std::max<int64_t>(1, std::min<int64_t>(N / NT, (2 * threads + n_runs - 1) / n_runs));
   const int64_t task_n = (N / per_run + NT - 1) / NT * NT;  // outputs per task, whole tiles
-  const int64_t tasks = static_cast<int64_t>(runs.size()) * ((N + task_n - 1) / task_n);
+  const int64_t split = (N + task_n - 1) / task_n;           // tasks per run
   auto task = [&](int64_t t) {
-    const int64_t split = (N + task_n - 1) / task_n;
     const Segment& run = runs[t / split];
     const float* we = wp + run.entry * K * N;
     const int64_t n_begin = (t % split) * task_n, n_end = std::min(N, n_begin + task_n);
@@ -109,11 +106,7 @@ at::Tensor expert_mm_float(const at::Tensor& x, const at::Tensor& w, const at::T
         }
     if (whole < n_end) columns_rows(xp, we, K, N, run.row, run.row + run.rows, whole, n_end, yp);
   };
-  // each thread takes the next (run, outputs) task until none is left: runs differ in length
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t t = next++; t < tasks; t = next++) task(t);
-  });
+  for_tasks(static_cast<int64_t>(runs.size()) * split, task);  // runs differ in length
   return y;
 }
 

@@ -19,8 +19,6 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
-#include <atomic>
-
 namespace llama4_cpu {
 namespace {
 
@@ -613,11 +611,7 @@ at::Tensor quant_product(const at::Tensor& x, const QuantWeights& w, const std::
         });
       }
     };
-    // each thread takes the next task until none is left (segments of different lengths cost differently)
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-      for (int64_t t = next++; t < tasks; t = next++) task(t);
-    });
+    for_tasks(tasks, task);  // segments of different lengths cost differently
   };
   with_float_data(w.sb, "cpu_kernels: scales must be", run);
   return y.done();

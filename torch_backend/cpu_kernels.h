@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -107,6 +108,16 @@ struct Result {
     return out;
   }
 };
+
+// task(t) for t in [0, tasks), each thread taking the next task until none is left (for tasks of
+// different costs, such as runs of rows of different lengths).
+template <typename F>
+void for_tasks(int64_t tasks, const F& task) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < tasks; t = next++) task(t);
+  });
+}
 
 // A run of rows [row, row + rows) of x against entry `entry` of a stack of weights.
 struct Segment {

@@ -132,6 +132,13 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, gate_value: torch.Te
     return torch.empty_like(y).index_copy_(0, order, y)  # rows back in slot order
 
 
+def _runs(experts: torch.Tensor, entries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order that groups slots by expert [N] and each of `entries` stack entries' count of slots (int64,
+    by index_add: fixed length whatever the ids), as the CPU kernels' runs of rows take them."""
+    order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
+    return order, torch.zeros(entries, dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
+
+
 def _expert_id(e: torch.Tensor, num_experts: int) -> int:
     """A one-element id tensor as an int; while compiling, a symbolic one (no recompile per expert)."""
     i = e.item()
@@ -213,8 +220,7 @@ class Experts(nn.Module):
             h = swiglu(cpu_kernels.expert_gemv(rows, gv.packed, gv.scales, ids, gv.bits, gv.group_size))  # [N + T, F]
             y = cpu_kernels.expert_gemv(h, out.packed, out.scales, ids, out.bits, out.group_size)  # [N + T, D]
             return y[:n], y[n:]
-        order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
-        counts = torch.zeros(self.num_experts + 1, dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
+        order, counts = _runs(experts, self.num_experts + 1)
         # The shared expert (entry E) takes every token, after the slots; past QUANT_MAX_ROWS tokens it runs
         # on its own, where the GEMM on the dequantized weight is faster (`cpu_kernels.quant_mm`; the small
         # model's 128-token prefill, 4 bits: 40.2 -> 38.9 ms, 8 bits: 44.5 -> 43.4).
@@ -239,8 +245,7 @@ class Experts(nn.Module):
                 or not cpu_kernels.expert_float_fits(x, gv) or out.dtype != torch.float32
                 or not out.is_contiguous() or out.shape[1] * 2 != gv.shape[2]):
             return None  # input-major storage: gate|value [E+1, D, 2F], output [E+1, F, D]
-        order = torch.argsort(experts, stable=True)  # [N], slots grouped by expert
-        counts = torch.zeros(self.num_experts, dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
+        order, counts = _runs(experts, self.num_experts)
         h = swiglu(cpu_kernels.expert_mm_float(x[order], gv, counts))  # [N, 2F] -> [N, F]
         y = cpu_kernels.expert_mm_float(h, out, counts)  # [N, D] in expert order
         return torch.empty_like(y).index_copy_(0, order, y)  # rows back in slot order
@@ -251,11 +256,12 @@ class Experts(nn.Module):
             return self._quantized(x, experts)
         gv, out = self._fused()
         few_on_cpu = x.device.type == "cpu" and experts.numel() <= GATHER_MAX_SLOTS  # decoding on the CPU
-        runs = None if gv is None or out is None or few_on_cpu else self._float_runs(x, experts)
-        if runs is not None:
-            return runs
-        if gv is not None and out is not None and not few_on_cpu and grouped_fits(x, gv, out):
-            return grouped_experts(x, experts, gv[:-1], out[:-1])  # entries 0 .. E-1 (E is the shared expert)
+        if gv is not None and out is not None and not few_on_cpu:
+            runs = self._float_runs(x, experts)
+            if runs is not None:
+                return runs
+            if grouped_fits(x, gv, out):
+                return grouped_experts(x, experts, gv[:-1], out[:-1])  # entries 0 .. E-1 (E is the shared expert)
         if x.device.type != "cpu" and experts.numel() <= GATHER_MAX_SLOTS_ACCELERATOR:
             # Decoding on accelerators: gather the slots' experts instead of synchronising on the ids.
             return self._expert(x[:, None, :], experts)[:, 0, :].to(x.dtype)  # [N, 1, D] -> [N, D]

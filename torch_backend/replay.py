@@ -231,12 +231,11 @@ class GraphReplay:
             return None
         if any(_layout(values[i]) != layout for i, layout in self.alike):
             return None
-        if self.boxed:
-            values = list(values)
-            for i, boxed in self.boxed:
-                values[i] = boxed
+        values = list(values)  # the direct callable takes (and empties) a list
+        for i, boxed in self.boxed:
+            values[i] = boxed
         if self.direct is not None:
-            return self.direct(list(values))[0]
+            return self.direct(values)[0]
         return self.fn(*values)[0]
 
     def _rebind(self, values: tuple, local: dict[str, Any]) -> bool:
